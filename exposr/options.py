@@ -1,0 +1,524 @@
+"""Command line and ``EXPOSR_*`` environment parsing (reference/config.md).
+
+`Options` is the options class of the ``twistd exposrd`` plugin; after
+`parseOptions` its ``config`` attribute holds the resolved `Config`.
+`parse_config` does the same for programmatic use.
+
+Rules (config.md 1.1): every option ``--some-name`` can also be given as
+``EXPOSR_SOME_NAME`` (the part after the exact prefix ``EXPOSR_`` is
+case-insensitive); the command line beats the environment, which beats the
+default.  An empty value means "not set".  Boolean environment values are true
+only for exactly ``true``.  Every error is one line naming the option.
+"""
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import sys
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.python import usage
+
+from exposr import __version__
+from exposr.config import Config
+
+ENV_PREFIX = "EXPOSR_"
+
+
+class ConfigError(usage.UsageError):
+    """The configuration is invalid (one line naming the option)."""
+
+
+# -- value converters: text -> value, raising ValueError(<what is wrong>) -----
+
+
+def _port(text):
+    value = int(text) if re.fullmatch(r"[0-9]{1,5}", text) else -1
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    value = int(text) if re.fullmatch(r"[0-9]{1,9}", text) else 0
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
+def _text(text):
+    return text
+
+
+def _choice(*choices):
+    def convert(text):
+        if text not in choices:
+            raise ValueError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return text
+
+    return convert
+
+
+def _choices(*choices):
+    """Multi-value option: a list of raw values, each possibly comma separated."""
+
+    def convert(values):
+        items = [item.strip() for value in values for item in value.split(",")]
+        check = _choice(*choices)
+        return tuple(dict.fromkeys(check(item) for item in items if item))
+
+    return convert
+
+
+def _url(*schemes, host=True):
+    def convert(text):
+        try:
+            parts = urlsplit(text)
+            parts.port  # raises ValueError for a bad port
+        except ValueError:
+            parts = None
+        if not parts or parts.scheme not in schemes or (host and not parts.hostname):
+            raise ValueError(f"expected a {'/'.join(schemes)} URL with a host, got {text!r}")
+        return text
+
+    return convert
+
+
+def _storage_url(text):
+    scheme = urlsplit(text).scheme
+    if not scheme:
+        raise ValueError(f"invalid URL {text!r}")
+    if scheme not in ("memory", "sqlite", "postgres", "redis"):
+        raise ValueError(
+            f"Unsupported storage type {scheme}:. Valid options are redis, postgres or sqlite"
+        )
+    return _url("redis")(text) if scheme == "redis" else text
+
+
+def _ip(text):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {text!r}") from None
+
+
+def _cidrs(text):
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(
+            str(ipaddress.ip_network(item.strip(), strict=False))
+            for item in text.split(",")
+            if item.strip()
+        )
+    except ValueError as e:
+        raise ValueError(f"expected a comma list of CIDRs: {e}") from None
+
+
+def _split_host_port(text):
+    """``host``, ``host:port`` or ``[v6]:port`` -> (host, port or None)."""
+    parts = urlsplit("//" + text)
+    port = parts.port  # ValueError when out of range
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise ValueError
+    if parts.path or parts.query or parts.fragment:
+        raise ValueError
+    return parts.hostname, port
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def _ssh_host(text):
+    """``host[:port]`` as the host part of ``ssh://<value>``."""
+    try:
+        host, _ = _split_host_port(text)
+        if not _HOSTNAME.match(host):
+            ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"Invalid hostname {text}") from None
+    return text
+
+
+def _dns_server(text):
+    """``ip[:port]`` (IPv6 with a port in brackets) of a DNS server."""
+    try:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            ipaddress.ip_address(_split_host_port(text)[0])
+    except ValueError:
+        raise ValueError(f"expected ip[:port] of a DNS server, got {text!r}") from None
+    return text
+
+
+def _multicast_group(text):
+    try:
+        group = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError(f"expected an IPv4 address, got {text!r}") from None
+    if group not in ipaddress.IPv4Network("239.0.0.0/8"):
+        raise ValueError(f"{text} is not within the private multicast range 239.0.0.0/8")
+    return text
+
+
+_PRIVATE_KEY = re.compile(r"BEGIN OPENSSH PRIVATE KEY", re.IGNORECASE)
+
+
+def _ssh_key(text):
+    """Key text, a readable file holding it, or base64 of it (known-issues C1)."""
+    if _PRIVATE_KEY.search(text):
+        return text
+    if os.path.isfile(text):
+        try:
+            with open(text, encoding="utf-8") as f:
+                content = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {text}: {getattr(e, 'strerror', e)}") from None
+        if _PRIVATE_KEY.search(content):
+            return content
+    try:
+        decoded = base64.b64decode("".join(text.split()), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        decoded = ""
+    if _PRIVATE_KEY.search(decoded):
+        return decoded
+    shown = text if len(text) <= 60 and "\n" not in text else repr(text[:60]) + "..."
+    raise ValueError(f"transport-ssh-key requires either path to key or key content, got {shown}")
+
+
+def _bool_env(text):
+    return text == "true"
+
+
+# -- the option table ----------------------------------------------------------
+
+BOOL = "bool"
+FROM_CONFIG = "<Config's default>"
+
+
+@attrs.frozen
+class Opt:
+    name: str
+    convert: object  # text -> value; BOOL for booleans
+    doc: str
+    default: object = FROM_CONFIG
+    hidden: bool = False
+    short: str | None = None
+    multi: bool = False
+
+    @property
+    def field(self):
+        return self.name.replace("-", "_")
+
+
+_CONFIG_FIELDS = attrs.fields_dict(Config)
+
+
+def _default(opt):
+    if opt.default is not FROM_CONFIG:
+        return opt.default
+    return _CONFIG_FIELDS[opt.field].default
+
+
+O = Opt
+OPTIONS = (
+    # Ingress
+    O("ingress", _choices("http", "sni"), "Ingress methods to enable: http, sni.", multi=True),
+    O("ingress-http-url", _url("http", "https"),
+      "Base URL of the HTTP ingress (https://tun.example.com gives https://<id>.tun.example.com/);"
+      " required when HTTP ingress is enabled."),
+    O("ingress-http-port", _port, "Port of the HTTP ingress.", hidden=True),
+    O("ingress-http-agent-idle-timeout", _seconds,
+      "Idle timeout (seconds) of upstream keep-alive pools.", hidden=True),
+    O("ingress-http-trusted-proxies", _cidrs,
+      "Comma list of CIDRs whose X-Forwarded-For/Forwarded is believed ('none': nobody)."),
+    O("ingress-sni-port", _port, "Port of the SNI (TLS) ingress."),
+    O("ingress-sni-host", _text, "host[:port] advertised for SNI ingress.", hidden=True),
+    O("ingress-sni-cert", _text, "PEM certificate file; required with SNI ingress."),
+    O("ingress-sni-key", _text, "PEM private key file; required with SNI ingress."),
+    # Transport
+    O("transport", _choices("ws", "ssh"), "Transports to enable: ws, ssh.", multi=True),
+    O("transport-max-connections", _positive_int,
+      "Maximum client connections per tunnel (cluster-wide)."),
+    O("transport-ssh-port", _port, "Port of the SSH transport."),
+    O("transport-ssh-host", _ssh_host, "host[:port] advertised in SSH URLs.", hidden=True),
+    O("transport-ssh-key", _ssh_key,
+      "SSH host key: OpenSSH PEM text, base64 of it, or a file path (default: generated).",
+      hidden=True),
+    O("transport-ssh-allow-insecure-target", BOOL,
+      "Do not verify TLS targets of SSH tunnels.", hidden=True),
+    # Admin
+    O("admin-enable", BOOL, "Enable the admin interface (/ping, /health)."),
+    O("admin-port", _port, "Port of the admin interface."),
+    O("admin-api-enable", BOOL, "Enable the admin API."),
+    O("admin-api-port", _port, "Port of the admin API."),
+    O("admin-api-key", _text, "Key of the admin API."),
+    O("admin-api-allow-access-without-key", BOOL,
+      "Open the admin API to anyone when no key is set.", hidden=True),
+    # API
+    O("api-url", _url("http", "https"), "Only serve the API on this URL's host."),
+    O("api-port", _port, "Port of the public API and WS transport.", short="p"),
+    O("allow-registration", BOOL, "Allow anyone to create accounts."),
+    # Cluster
+    O("cluster", _choice("auto", "single-node", "udp", "redis"),
+      "Cluster mode: auto, single-node, udp, redis.", default="auto"),
+    O("cluster-key", _text, "Signing key of cluster messages (same on every node)."),
+    O("cluster-udp-discovery", _choice("auto", "multicast", "kubernetes"),
+      "UDP peer discovery: auto, multicast, kubernetes."),
+    O("cluster-udp-port", _port, "UDP port of the cluster bus."),
+    O("cluster-udp-discovery-multicast-group", _multicast_group,
+      "Multicast group (within 239.0.0.0/8).", hidden=True),
+    O("cluster-udp-discovery-kubernetes-service", _text,
+      "Headless service name.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-service-env", _text,
+      "Env var holding the service name.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-namespace-env", _text,
+      "Env var holding the namespace.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-cluster-domain", _text,
+      "Kubernetes cluster domain.", hidden=True),
+    O("cluster-redis-url", _url("redis", "rediss"),
+      "Redis URL of the cluster bus; required with --cluster redis."),
+    O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
+    # Storage
+    O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
+    O("storage-pgsql-connection-pool-size", _positive_int,
+      "PostgreSQL connection pool size.", hidden=True),
+    # Deprecated
+    O("redis-url", _url("redis", "rediss"),
+      "Deprecated: Redis for storage and cluster.", default=None, hidden=True),
+    O("ingress-http-domain", _url("http", "https"),
+      "Deprecated: same as --ingress-http-url.", default=None, hidden=True),
+    # Misc
+    O("dns-server", _dns_server, "ip[:port] of the DNS server used to verify alt names."),
+    O("listen-address", _ip, "IP address every listener binds (default: all)."),
+    O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
+      "Log level: all, trace, debug, info, warn, error, fatal, off."),
+    O("log-format", _choice("json"), "Log format: json.", hidden=True),
+)
+del O
+SPEC = {opt.name: opt for opt in OPTIONS}
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return value if value != "" else None
+
+
+# -- argv normalisation --------------------------------------------------------
+
+
+def _normalise(argv):
+    """Rewrite argv into what usage.Options/getopt accepts.
+
+    Booleans: ``--x``, ``--x true``, ``--x=true`` -> ``--x``;
+    ``--x false``, ``--x=false`` -> ``--no-x`` (``--no-x`` itself is a flag).
+    Multi-value: ``--ingress a b,c`` -> ``--ingress=a,b,c``.
+    """
+    out, args = [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        name, eq, value = arg[2:].partition("=")
+        opt = SPEC.get(name) if arg.startswith("--") else None
+        if opt is None:
+            out.append(arg)
+        elif opt.convert is BOOL:
+            if not eq and args and args[0] in ("true", "false"):
+                value, eq = args.pop(0), "="
+            if eq and value not in ("true", "false"):
+                raise ConfigError(f"--{name}: expected true or false, got {value!r}")
+            out.append(f"--no-{name}" if value == "false" else f"--{name}")
+        elif opt.multi:
+            values = [value] if eq else []
+            while args and not args[0].startswith("-"):
+                values.append(args.pop(0))
+            if not values:
+                raise ConfigError(f"--{name}: requires a value")
+            out.append(f"--{name}={','.join(values)}")
+        else:
+            out.append(arg)
+    return out
+
+
+# -- the twistd options class -------------------------------------------------
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Every option can also be set as an environment variable EXPOSR_<NAME> "
+        "(e.g. EXPOSR_INGRESS_HTTP_URL); the command line wins. Boolean flags accept "
+        "--flag, --flag true|false, --flag=false and --no-flag; in the environment only "
+        "'true' is true. --ingress and --transport take several values, repeated or "
+        "comma separated. An empty value means 'not set'."
+    )
+    optFlags = [["show-hidden", None, "With --help: also list hidden options."]]
+    for _o in OPTIONS:
+        if _o.convert is BOOL:
+            optFlags += [[_o.name, None, _o.doc], ["no-" + _o.name, None, None]]
+    optParameters = [
+        [o.name, o.short, _show(_default(o)), o.doc] for o in OPTIONS if o.convert is not BOOL
+    ]
+    del _o
+
+    def __init__(self, environ=None):
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        self.config = None
+        self._cli = {}
+        self._show_hidden = False
+        for opt in OPTIONS:
+            if opt.convert is not BOOL:
+                self._dispatch[opt.name] = self._record
+
+    def _record(self, name, value):
+        if SPEC[name].multi:
+            self._cli.setdefault(name, []).append(value)
+        else:
+            self._cli[name] = value
+
+    def _generic_flag(self, flagName, value=None):
+        super()._generic_flag(flagName, value)
+        if flagName in SPEC:
+            self._cli[flagName] = True
+        elif flagName.startswith("no-") and flagName[3:] in SPEC:
+            self._cli[flagName[3:]] = False
+
+    def opt_version(self):
+        """Display the version and exit."""
+        print(f"version: {__version__} (pkg {__version__})")
+        sys.exit(0)
+
+    def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        self._show_hidden = "--show-hidden" in options
+        super().parseOptions(_normalise(options))
+
+    def parseArgs(self, *args):
+        if args:
+            raise ConfigError(f"unexpected argument {args[0]!r}")
+
+    def getUsage(self, width=None):
+        def shown(long):
+            opt = SPEC.get(long.rstrip("="))
+            if long.startswith("no-") and long[3:] in SPEC:
+                return False
+            return opt is None or self._show_hidden or not opt.hidden
+
+        full = self.longOpt
+        self.longOpt = [long for long in full if shown(long)]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = full
+
+    def postOptions(self):
+        self.config = resolve(self._cli, self.environ)
+
+
+def parse_config(argv, environ):
+    """Parse argv and environ into a `Config`; raise `ConfigError`."""
+    options = Options(environ)
+    try:
+        options.parseOptions(list(argv))
+    except ConfigError:
+        raise
+    except usage.UsageError as e:
+        raise ConfigError(str(e)) from None
+    return options.config
+
+
+# -- resolution ----------------------------------------------------------------
+
+
+def _given(cli, environ):
+    """{name: (raw value, label)}: environment first, then the command line over it."""
+    given = {}
+    for key in sorted(environ):
+        name = key[len(ENV_PREFIX):].lower().replace("_", "-")
+        if key.startswith(ENV_PREFIX) and name in SPEC and environ[key] != "":
+            opt = SPEC[name]
+            value = environ[key]
+            if opt.convert is BOOL:
+                value = _bool_env(value)
+            elif opt.multi:
+                value = [value]
+            given[name] = (value, key)
+    for name, value in cli.items():
+        if value != "" and value != [""]:
+            given[name] = (value, "--" + name)
+    return given
+
+
+def _read_check(name, path):
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--{name}: cannot read {path}: {e.strerror}") from None
+
+
+def resolve(cli, environ):
+    """Typed values of every option, then the two-phase rules of config.md 1.1."""
+    v = {opt.name: _default(opt) for opt in OPTIONS}
+    for name, (raw, label) in _given(cli, environ).items():
+        opt = SPEC[name]
+        try:
+            value = raw if opt.convert is BOOL else opt.convert(raw)
+        except ValueError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        if opt.multi and not value:
+            continue  # only empty elements: not set
+        v[name] = value
+
+    if not v["admin-api-key"]:
+        v["admin-api-key"] = None
+    if v["ingress-http-url"] is None:
+        v["ingress-http-url"] = v["ingress-http-domain"]
+    if v["redis-url"]:
+        if v["cluster-redis-url"] is None:
+            v["cluster-redis-url"] = v["redis-url"]
+        if urlsplit(v["storage-url"]).scheme == "memory":
+            v["storage-url"] = v["redis-url"]
+    storage = urlsplit(v["storage-url"]).scheme
+    if v["cluster"] == "auto":
+        if v["redis-url"]:
+            v["cluster"] = "redis"
+        elif storage not in ("memory", "sqlite"):
+            v["cluster"] = "udp"
+        else:
+            v["cluster"] = "single-node"
+
+    if v["cluster"] == "redis" and not v["cluster-redis-url"]:
+        raise ConfigError("Missing required argument: cluster-redis-url")
+    if storage == "sqlite" and v["cluster"] != "single-node":
+        raise ConfigError("--storage-url: SQlite storage can only be used in single-node mode")
+    if "http" in v["ingress"] and not v["ingress-http-url"]:
+        raise ConfigError("--ingress-http-url: required when HTTP ingress is enabled")
+    if "sni" in v["ingress"]:
+        for name in ("ingress-sni-cert", "ingress-sni-key"):
+            if not v[name]:
+                raise ConfigError(f"--{name}: required when SNI ingress is enabled")
+            _read_check(name, v[name])
+
+    return Config(**{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})
