@@ -1,0 +1,119 @@
+"""Wiring: the one place that knows every wing (transports, ingresses, APIs).
+
+`build(server)` creates storage, the domain services, the listeners and the
+transports for the server's `Config` and attaches them to the root service in
+start-up order (storage first, so that it stops last).
+"""
+
+from twisted.web.server import Site
+
+from exposr.accounts import AccountService
+from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
+from exposr.api.public import PublicAPI
+from exposr.connections import ConnectionRegistry
+from exposr.listen import Listener, tcp_endpoint
+from exposr.listener import Door
+from exposr.storage import storage_from_url
+from exposr.tunnels import TunnelService
+
+
+class _QuietSite(Site):
+    noisy = False
+
+
+    def log(self, request):
+        pass
+
+
+def build(server):
+    config = server.config
+    reactor = server.reactor
+    node = server.node
+    server.start_hooks = []
+    server.stop_hooks = []
+
+    storage = storage_from_url(config.storage_url, reactor, pool_size=config.storage_pgsql_connection_pool_size)
+    storage.setServiceParent(server)
+    server.storage = storage
+
+    accounts = AccountService(storage, reactor)
+    altnames = _altnames(config, storage, reactor)
+    tunnels = TunnelService(config, storage, accounts, reactor, altnames=altnames)
+    registry = ConnectionRegistry(config, tunnels, node.id, reactor)
+    registry.setServiceParent(server)
+    server.accounts, server.tunnels, server.registry = accounts, tunnels, registry
+    server.stop_hooks.append(registry.stop)
+
+    ssh = None
+    if config.ssh_transport_enabled:
+        from exposr.transport.ssh import SSHTransportService
+
+        ssh = SSHTransportService(config, tunnels, registry, node.id, reactor)
+        ssh.setServiceParent(server)
+        server.start_hooks.append(ssh.listen)
+    server.ssh = ssh
+    fingerprint = (lambda: ssh.fingerprint) if ssh is not None else None
+
+    public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint)
+    site = _QuietSite(public.resource())
+
+    ws = None
+    if config.ws_transport_enabled:
+        from exposr.transport.ws import WSTransport
+
+        ws = WSTransport(reactor, registry, node.id)
+
+    ingress = None
+    if config.http_ingress_enabled:
+        from exposr.ingress.http import HTTPIngress
+
+        ingress = HTTPIngress(config, tunnels, registry, node.id, reactor, altnames=altnames)
+    server.http_ingress = ingress
+
+    address = config.listen_address
+    shared = config.ingress_http_port == config.api_port
+    door = Door(config, reactor, site, ingress=ingress if shared else None, ws=ws, tunnels=tunnels)
+    server.add_listener(Listener("api", tcp_endpoint(reactor, config.api_port, address), door))
+    if ingress is not None and not shared:
+        ingress_door = Door(config, reactor, None, ingress=ingress, ws=None, tunnels=tunnels)
+        server.add_listener(
+            Listener("ingress-http", tcp_endpoint(reactor, config.ingress_http_port, address), ingress_door)
+        )
+
+    if config.sni_ingress_enabled:
+        from exposr.ingress.sni import build_sni_listener
+
+        server.add_listener(build_sni_listener(server, config, tunnels, registry, reactor))
+
+    interface = AdminInterface(server.readiness) if config.admin_enable else None
+    admin_api = None
+    if config.admin_api_enable:
+        admin_api = AdminAPI(
+            config, accounts, tunnels, registry,
+            nodes=local_node_view(node, reactor),
+            ssh_fingerprint=fingerprint,
+        )
+    if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
+        server.add_listener(
+            Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
+                     _QuietSite(admin_resource(interface, admin_api)))
+        )
+    else:
+        if interface is not None:
+            server.add_listener(
+                Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
+                         _QuietSite(admin_resource(interface, None)))
+            )
+        if admin_api is not None:
+            server.add_listener(
+                Listener("admin-api", tcp_endpoint(reactor, config.admin_api_port, address),
+                         _QuietSite(admin_resource(None, admin_api)))
+            )
+
+
+def _altnames(config, storage, reactor):
+    try:
+        from exposr.altnames import AltNames
+    except ImportError:
+        return None
+    return AltNames(config, storage, reactor)

@@ -1,0 +1,582 @@
+"""HTTP ingress: virtual hosts on the shared port (reference ingress-http.md).
+
+A request whose ``Host`` is ``<tunnel>.<ingress domain>`` (or a registered alt
+name) is proxied to the tunnel. Only request and response *heads* are parsed
+(`httphead`); bodies are spliced as they arrive, both ways, with producers
+registered so that a slow side pauses the other instead of filling memory.
+
+Upstream streams come from the connection registry (``connection_for``) and
+are kept per tunnel in a keep-alive pool. The ingress never knows which
+transport carries a stream.
+"""
+
+import json
+import time
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from exposr import errors
+from exposr.ingress import forwarding, httphead
+from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
+
+log = Logger(namespace="exposr.ingress.http")
+access_log = Logger(namespace="exposr.ingress.http.access")
+
+HEAD_TIMEOUT = 30.0  # a request head must be complete this long after the previous one ended
+
+_REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    421: b"Misdirected Request",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+    508: b"Loop Detected",
+}
+
+
+def json_response(status, body, version=b"HTTP/1.1", close=False):
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return b"".join(
+        (
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n",
+            b"Content-Type: application/json; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(payload),
+            b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
+            b"\r\n", payload,
+        )
+    )
+
+
+def raw_error(status, code, version=b"HTTP/1.1"):
+    """The raw answer to an upgrade request (8.8): status line, JSON body, close."""
+    return json_response(status, {"error": code}, version=version, close=True)
+
+
+class IngressError(Exception):
+    def __init__(self, status, code):
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+def _stream_error(failure):
+    """Map a failure to open an upstream stream to 8.6's answer."""
+    if failure.check(errors.ChannelLimitError):
+        return IngressError(429, "TUNNEL_TRANSPORT_REQUEST_LIMIT")
+    return IngressError(502, "TUNNEL_TARGET_CON_FAILED")
+
+
+# -- upstream side -----------------------------------------------------------
+
+
+class Upstream(protocol.Protocol):
+    """One upstream stream: sequential requests, responses framed by `ResponseParser`."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.parser = httphead.ResponseParser()
+        self.session = None
+        self.used = 0
+        self.idle_timer = None
+        self.lost = False
+
+    def dataReceived(self, data):
+        session = self.session
+        if session is None:
+            # bytes nobody asked for: the stream is not reusable
+            self.transport.loseConnection()
+            return
+        if self.parser is None:  # an upgraded stream: raw both ways
+            session.transport.write(data)
+            return
+        try:
+            events = self.parser.feed(data)
+        except HeadError as e:
+            session.upstream_failed(self, "malformed response: " + e.reason)
+            return
+        session.response_events(self, events)
+
+    def connectionLost(self, reason):
+        self.lost = True
+        self.pool.forget(self)
+        session = self.session
+        if session is not None and self.parser is None:
+            session.upstream_failed(self, "closed")
+        elif session is not None:
+            try:
+                events = self.parser.feed_eof()
+            except HeadError as e:
+                events = None
+                why = e.reason
+            if events is None:
+                session.upstream_failed(self, why)
+            else:
+                session.response_events(self, events)
+                if self.session is session:
+                    session.upstream_failed(self, "upstream closed")
+
+
+class _UpstreamFactory(protocol.Factory):
+    def __init__(self, pool):
+        self.pool = pool
+
+    def buildProtocol(self, addr):
+        return Upstream(self.pool)
+
+
+class UpstreamPool:
+    """Idle keep-alive upstream streams of one tunnel on this node (8.5)."""
+
+    def __init__(self, ingress, tunnel_id):
+        self.ingress = ingress
+        self.tunnel_id = tunnel_id
+        self.idle = []
+        self.factory = _UpstreamFactory(self)
+
+    def acquire(self):
+        """A Deferred of (Upstream, reused: bool)."""
+        while self.idle:
+            up = self.idle.pop()
+            if up.idle_timer is not None and up.idle_timer.active():
+                up.idle_timer.cancel()
+            up.idle_timer = None
+            if not up.lost:
+                return defer.succeed((up, True))
+        return self.open().addCallback(lambda up: (up, False))
+
+    def open(self):
+        conn = self.ingress.registry.connection_for(self.tunnel_id)
+        if conn is None:
+            return defer.fail(IngressError(502, "TUNNEL_TARGET_CON_FAILED"))
+        d = conn.open_stream(self.factory)
+        d.addErrback(lambda f: defer.fail(_stream_error(f)))
+        return d
+
+    def release(self, up):
+        if up.lost:
+            return
+        up.session = None
+        up.idle_timer = self.ingress.clock.callLater(self.ingress.idle_timeout, self._expire, up)
+        self.idle.append(up)
+
+    def _expire(self, up):
+        up.idle_timer = None
+        self.forget(up)
+        up.transport.loseConnection()
+
+    def forget(self, up):
+        if up in self.idle:
+            self.idle.remove(up)
+            if up.idle_timer is not None and up.idle_timer.active():
+                up.idle_timer.cancel()
+        if not self.idle:
+            self.ingress.pools.pop(self.tunnel_id, None) if self.ingress.pools.get(self.tunnel_id) is self else None
+
+    def close(self):
+        for up in list(self.idle):
+            self.forget(up)
+            up.transport.loseConnection()
+
+
+# -- the ingress as a whole ----------------------------------------------------
+
+
+class HTTPIngress:
+    """Routing by Host, tunnel checks, and the per-tunnel pools of this node."""
+
+    def __init__(self, config, tunnels, registry, node_id, clock, altnames=None):
+        from urllib.parse import urlsplit
+
+        self.config = config
+        self.tunnels = tunnels
+        self.registry = registry
+        self.node_id = node_id
+        self.clock = clock
+        self.altnames = altnames
+        self.domain = (urlsplit(config.ingress_http_url).hostname or "").lower()
+        self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
+        self.rewriter = forwarding.Rewriter(node_id)
+        self.idle_timeout = config.ingress_http_agent_idle_timeout
+        self.pools = {}
+        if hasattr(registry, "on_change"):
+            registry.on_change(self._connection_changed)
+
+    def _connection_changed(self, tunnel_id):
+        # drop pooled streams of a tunnel that lost its last connection (H7)
+        if not self.registry.is_connected(tunnel_id):
+            pool = self.pools.pop(tunnel_id, None)
+            if pool is not None:
+                pool.close()
+
+    def claim(self, host):
+        """The tunnel id a Host belongs to: str, None, or a Deferred of either."""
+        if not host:
+            return None
+        label, dot, parent = host.partition(".")
+        if dot and label and parent == self.domain:
+            return label
+        if self.altnames is not None and "." in host:
+            return self.altnames.lookup(host)
+        return None
+
+    def pool(self, tunnel_id):
+        pool = self.pools.get(tunnel_id)
+        if pool is None:
+            pool = self.pools[tunnel_id] = UpstreamPool(self, tunnel_id)
+        return pool
+
+    @defer.inlineCallbacks
+    def check(self, tunnel_id, head, upgrade=False):
+        """The tunnel record if the request may go through, else IngressError (8.3)."""
+        try:
+            tunnel = yield self.tunnels.get(tunnel_id)
+        except Exception:
+            tunnel = None
+        if tunnel is None:
+            raise IngressError(404, "TUNNEL_NOT_FOUND")
+        if not self.registry.is_connected(tunnel_id):
+            raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
+        if not tunnel.get("ingress", {}).get("http", {}).get("enabled"):
+            raise IngressError(403, "TUNNEL_HTTP_INGRESS_DISABLED")
+        if forwarding.is_loop(head, self.node_id):
+            raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
+        return tunnel
+
+    def session(self):
+        return IngressSession(self)
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """Pauses a transport's reading while any reason to do so holds."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.reasons = set()
+
+    def hold(self, reason):
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def release(self, reason):
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+
+@implementer(IPushProducer)
+class _ReasonProducer:
+    """A producer facade: pausing it holds one reason of a gate."""
+
+    def __init__(self, gate, reason):
+        self.gate = gate
+        self.reason = reason
+
+    def pauseProducing(self):
+        self.gate.hold(self.reason)
+
+    def resumeProducing(self):
+        self.gate.release(self.reason)
+
+    def stopProducing(self):
+        pass
+
+
+IDLE, ROUTING, FORWARD, AWAIT, TUNNEL, CLOSED = range(6)
+
+
+class IngressSession(protocol.Protocol):
+    """One public client connection whose requests go to tunnels."""
+
+    def __init__(self, ingress):
+        self.ingress = ingress
+        self.parser = httphead.RequestParser()
+        self.state = IDLE
+        self.pending = []
+        self.up = None
+        self.request = None
+        self.timer = None
+        self.close_after = False
+        self.response_started = False
+
+    def connectionMade(self):
+        self.gate = _Gate(self.transport)
+        self.upstream_reader = _ReasonProducer(self.gate, "upstream")
+        self.peer_ip = getattr(self.transport.getPeer(), "host", "")
+        self._arm_timer()
+
+    def _arm_timer(self):
+        self._cancel_timer()
+        self.timer = self.ingress.clock.callLater(HEAD_TIMEOUT, self._head_timeout)
+
+    def _cancel_timer(self):
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _head_timeout(self):
+        self.timer = None
+        if self.state == IDLE:
+            if self.parser.in_message:
+                self.transport.write(json_response(408, {"error": "REQUEST_TIMEOUT"}, close=True))
+            self._close()
+
+    # -- client bytes ---------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self.state == CLOSED:
+            return
+        try:
+            events = self.parser.feed(data)
+        except HeadError as e:
+            self._client_error(e)
+            return
+        if self.pending or self.state in (ROUTING, AWAIT):
+            self.pending.extend(events)
+            if self.state == AWAIT:
+                self.gate.hold("pipeline")
+            return
+        self._handle(events)
+
+    def _handle(self, events):
+        for i, ev in enumerate(events):
+            state = self.state
+            if state == FORWARD or state == TUNNEL:
+                if type(ev) is Body or type(ev) is Raw:
+                    self.up.transport.write(ev.data)
+                elif type(ev) is End:
+                    self.state = AWAIT
+                    self._request_sent()
+            elif state == IDLE and type(ev) is Head:
+                self._start_request(ev.head)
+            elif state == CLOSED:
+                return
+            if self.state in (ROUTING, AWAIT) and i + 1 < len(events):
+                self.pending[:0] = events[i + 1:]
+                if self.state == AWAIT:
+                    self.gate.hold("pipeline")
+                return
+
+    def _client_error(self, e):
+        if self.state in (IDLE, ROUTING) and not self.response_started:
+            self.transport.write(json_response(e.status, {"error": "BAD_REQUEST", "detail": e.reason}, close=True))
+        self._close()
+
+    # -- a request -------------------------------------------------------------
+
+    def _start_request(self, head):
+        self._cancel_timer()
+        self.state = ROUTING
+        self.gate.hold("routing")
+        self.request = head
+        self.started = time.monotonic()
+        self.status = None
+        self.sent = 0
+        self.response_started = False
+        self.upgrade = head.is_upgrade or head.method == b"CONNECT"
+        host = httphead.host_of(head)
+        d = defer.maybeDeferred(self.ingress.claim, host)
+        d.addCallback(self._claimed, head)
+        d.addCallback(self._acquired, head)
+        d.addErrback(self._route_failed)
+
+    @defer.inlineCallbacks
+    def _claimed(self, tunnel_id, head):
+        if tunnel_id is None:
+            raise IngressError(421, "MISDIRECTED_REQUEST")
+        self.tunnel_id = tunnel_id
+        tunnel = yield self.ingress.check(tunnel_id, head, self.upgrade)
+        ingress = self.ingress
+        trusted = forwarding.is_trusted(self.peer_ip, ingress.trusted)
+        self.client_ip = forwarding.client_ip(self.peer_ip, head, ingress.trusted)
+        base = forwarding.base_url(head, trusted)
+        ingress.rewriter.rewrite(head, self.client_ip, base, tunnel.get("target", {}).get("url"))
+        pool = ingress.pool(tunnel_id)
+        if self.upgrade:
+            up = yield pool.open()
+            return up, False
+        return (yield pool.acquire())
+
+    def _acquired(self, result, head):
+        up, reused = result
+        if self.state == CLOSED:
+            if self.upgrade:
+                up.transport.loseConnection()
+            else:
+                up.pool.release(up)
+            return
+        self.up = up
+        self.reused = reused
+        up.session = self
+        if self.upgrade:
+            up.parser = None
+        else:
+            up.parser.expect(head.method)
+        up.used += 1
+        up.transport.write(head.serialize())
+        # splice with back-pressure both ways
+        up.transport.registerProducer(self.upstream_reader, True)
+        self.transport.registerProducer(up.transport, True)
+        self.state = TUNNEL if self.upgrade else FORWARD
+        self.gate.release("routing")
+        self._drain_pending()
+
+    def _drain_pending(self):
+        if self.pending and self.state not in (ROUTING, AWAIT):
+            events, self.pending = self.pending, []
+            self._handle(events)
+
+    def _route_failed(self, failure):
+        if self.state == CLOSED:
+            return
+        err = failure.value
+        if not isinstance(err, IngressError):
+            if failure.check(errors.StreamError):
+                err = _stream_error(failure)
+            else:
+                log.failure("ingress routing failed", failure)
+                err = IngressError(502, "TUNNEL_TARGET_CON_FAILED")
+        head = self.request
+        self.status = err.status
+        # the request body (if any) was not read: the connection cannot continue
+        body_pending = self.upgrade or head.chunked or bool(head.content_length)
+        close = body_pending or not head.keep_alive or err.status == 421
+        self.transport.write(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
+        self._access()
+        if close:
+            self._close()
+        else:
+            self.state = IDLE
+            self.request = None
+            self.gate.release("routing")
+            self._arm_timer()
+            self._drain_pending()
+
+    def _request_sent(self):
+        pass
+
+    # -- upstream events -----------------------------------------------------
+
+    def response_events(self, up, events):
+        if up is not self.up:
+            return
+        write = self.transport.write
+        for ev in events:
+            t = type(ev)
+            if t is Body or t is Raw:
+                self.sent += len(ev.data)
+                write(ev.data)
+            elif t is Head:
+                head = ev.head
+                write(head.raw)
+                self.response_started = True
+                if not head.is_interim:
+                    self.status = head.status
+                    self.response_keep_alive = head.keep_alive
+            elif t is End:
+                self._response_done()
+                return
+
+    def _response_done(self):
+        up = self.up
+        self._unsplice()
+        self._access()
+        reusable = (
+            self.state == AWAIT
+            and self.response_keep_alive
+            and not up.lost
+            and not up.parser.in_message
+        )
+        self.up = None
+        if reusable:
+            up.pool.release(up)
+        else:
+            up.session = None
+            up.transport.loseConnection()
+        if self.state != AWAIT or not self.request.keep_alive or not self.response_keep_alive:
+            self._close()
+            return
+        self.state = IDLE
+        self.request = None
+        self.gate.release("pipeline")
+        self._arm_timer()
+        self._drain_pending()
+
+    def upstream_failed(self, up, why):
+        if up is not self.up:
+            return
+        self._unsplice()
+        self.up = None
+        up.session = None
+        up.transport.loseConnection()
+        if self.state == TUNNEL:
+            self._close()
+            return
+        if self.response_started:
+            # the response began: the client can only learn by the connection
+            # being cut (never a JSON error appended to a body, H4)
+            self._access()
+            self.transport.abortConnection()
+            self._closed()
+            return
+        log.info("tunnel {tunnel}: upstream failed before a response: {why}", tunnel=self.tunnel_id, why=why)
+        self.status = 502
+        self.transport.write(json_response(502, {"error": "TUNNEL_TARGET_CON_RESET"}, close=True))
+        self._access()
+        self._close()
+
+    def _unsplice(self):
+        up = self.up
+        if up is not None and not up.lost:
+            up.transport.unregisterProducer()
+        self.transport.unregisterProducer()
+        self.gate.release("upstream")
+
+    def _access(self):
+        head = self.request
+        if head is None:
+            return
+        access_log.info(
+            "{method} {path} {status}",
+            method=head.method.decode("latin-1"),
+            path=head.target.decode("latin-1"),
+            status=self.status,
+            tunnel=getattr(self, "tunnel_id", None),
+            client=getattr(self, "client_ip", self.peer_ip),
+            bytes=self.sent,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+        )
+
+    # -- connection end --------------------------------------------------------
+
+    def _close(self):
+        if self.state != CLOSED:
+            self.transport.loseConnection()
+            self._closed()
+
+    def _closed(self):
+        self.state = CLOSED
+        self._cancel_timer()
+
+    def connectionLost(self, reason):
+        was = self.state
+        self._closed()
+        up, self.up = self.up, None
+        if up is not None:
+            up.session = None
+            if was in (FORWARD, AWAIT, TUNNEL, ROUTING):
+                up.transport.loseConnection()
+            else:
+                up.pool.release(up)

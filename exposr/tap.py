@@ -1,0 +1,20 @@
+"""The twistd plugin's options and service maker (``twistd exposrd``).
+
+`Options` comes from `exposr.options`; `makeService` builds the one
+`MultiService` of the process. A tap file (``twistd -f exposrd.tap``) can hold
+a pickled Application whose service is made here: endpoint listeners are only
+bound when the service starts, so what is pickled is configuration.
+"""
+
+from exposr import log
+from exposr.options import Options  # noqa: F401  (twistd reads it from here)
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from exposr.server import ExposrService
+
+    config = options.config
+    log.set_level(config.log_level)
+    return ExposrService(config, reactor)

@@ -1,0 +1,232 @@
+"""The WebSocket transport: autobahn + the ws-multiplex core, as a tunnel connection.
+
+The shared HTTP listener (`exposr.listener`) authorises an upgrade to
+``/v1/tunnel/<id>/ws-endpoint?t=<token>`` itself (so refusals get the JSON
+answers of the reference) and then hands the connection, with the bytes read so
+far, to a `TunnelWebSocket` built by `WSTransport.protocol_for`. From the
+handshake on, the WebSocket is an `ITunnelConnection`: every
+``open_stream(factory)`` opens one channel and attaches the factory's protocol
+to a `StreamTransport` over it.
+
+Back-pressure: when the TCP connection to the client is backed up, every
+channel's producer (the ingress sockets) is paused until it drains; a PAUSE from
+the client pauses that channel's producer only.
+"""
+
+import uuid
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from exposr import errors
+from exposr.interfaces import ITunnelConnection
+from exposr.transport import multiplex
+from exposr.transport.stream import StreamTransport
+
+log = Logger(namespace="exposr.transport.ws")
+
+HANDSHAKE_TIMEOUT = 5.0
+CLOSE_REFUSED = 1008
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+
+
+@implementer(IPushProducer)
+class _CarrierProducer:
+    """Registered on the TCP transport: tells the channels when it is full."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def pauseProducing(self):
+        self.ws._carrier_paused(True)
+
+    def resumeProducing(self):
+        self.ws._carrier_paused(False)
+
+    def stopProducing(self):
+        pass
+
+
+@implementer(ITunnelConnection)
+class TunnelWebSocket(WebSocketServerProtocol):
+    """One exposr client WebSocket carrying one tunnel."""
+
+    local = True
+
+    def __init__(self, transport_service, tunnel_id, account_id, peer_ip):
+        super().__init__()
+        self.service = transport_service
+        self.tunnel_id = tunnel_id
+        self.account_id = account_id
+        self.peer = peer_ip
+        self.connection_id = f"{transport_service.node_id}:{uuid.uuid4()}"
+        self.registered = False
+        self.mux = None
+        self._streams = {}
+        self._paused = False
+        self._pinger = None
+        self._keepalive = None
+        self._closing = False
+
+    # -- WebSocket life cycle -------------------------------------------
+
+    def onOpen(self):
+        clock = self.service.reactor
+        self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
+        self.mux.on_teardown = self._on_teardown
+        self.transport.registerProducer(_CarrierProducer(self), True)
+        self._keepalive = multiplex.KeepAlive(clock.seconds())
+        self._pinger = task.LoopingCall(self._ping)
+        self._pinger.clock = clock
+        self._pinger.start(multiplex.PING_INTERVAL, now=False)
+        d = self.service.registry.register(self, self.account_id)
+        d.addCallbacks(self._registered, self._register_failed)
+
+    def _registered(self, ok):
+        if not ok:
+            log.info("tunnel {tunnel} connection refused (limit or draining)", tunnel=self.tunnel_id)
+            self._close(CLOSE_REFUSED, "unable to establish tunnel")
+            return
+        self.registered = True
+        if self._closing or self.state == self.STATE_CLOSED:
+            self._unregister()
+            return
+        log.info("tunnel {tunnel} connected from {peer} ({conn})", tunnel=self.tunnel_id, peer=self.peer, conn=self.connection_id)
+
+    def _register_failed(self, failure):
+        log.warn("tunnel {tunnel}: registration failed: {err}", tunnel=self.tunnel_id, err=failure.getErrorMessage())
+        self._close(CLOSE_REFUSED, "unable to establish tunnel")
+
+    def onMessage(self, payload, isBinary):
+        if isBinary:
+            self.mux.receive(payload)
+
+    def onPong(self, payload):
+        if self._keepalive is not None:
+            self._keepalive.pong(self.service.reactor.seconds())
+
+    def onClose(self, wasClean, code, reason):
+        self._closing = True
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        if self.mux is not None:
+            self.mux.teardown(multiplex.ERR_WS_SOCKET_CLOSED_UNEXPECTEDLY)
+        self._unregister()
+
+    def _unregister(self):
+        if self.registered:
+            self.registered = False
+            self.service.registry.unregister(self)
+            log.info("tunnel {tunnel} disconnected ({conn})", tunnel=self.tunnel_id, conn=self.connection_id)
+
+    def _ping(self):
+        now = self.service.reactor.seconds()
+        if self._keepalive.expired(now):
+            log.info("tunnel {tunnel}: no pong for {s} s, dropping", tunnel=self.tunnel_id, s=multiplex.PING_TIMEOUT)
+            self.mux.teardown(multiplex.ERR_WS_PING_TIMEOUT)
+            self.dropConnection(abort=True)
+            return
+        self.sendPing()
+
+    def _send(self, data):
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)
+
+    def _on_teardown(self, error):
+        if not self._closing:
+            self._close(CLOSE_NORMAL, error or "")
+
+    def _close(self, code, reason):
+        self._closing = True
+        if self.state == self.STATE_OPEN:
+            self.sendClose(code, reason[:120])
+        elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    def _carrier_paused(self, paused):
+        self._paused = paused
+        for stream in list(self._streams.values()):
+            if paused:
+                stream.carrier_paused()
+            else:
+                stream.carrier_resumed()
+
+    # -- ITunnelConnection ------------------------------------------------
+
+    def open_stream(self, protocolFactory):
+        if self._closing or self.mux is None:
+            return defer.fail(errors.TransportClosedError("WebSocket closed"))
+        try:
+            channel = self.mux.open_channel()
+        except errors.StreamError as e:
+            return defer.fail(e)
+        d = defer.Deferred()
+        stream = StreamTransport(channel, self.transport.getHost(), self.transport.getPeer())
+        if self._paused:
+            stream.carrier_paused()
+
+        def opened():
+            self._streams[channel.id] = stream
+            try:
+                protocol = protocolFactory.buildProtocol(stream.getPeer())
+            except Exception as e:
+                channel.close("ECONNRESET")
+                d.errback(e)
+                return
+            stream.attach(protocol)
+            d.callback(protocol)
+
+        def closed(error):
+            self._streams.pop(channel.id, None)
+            if not d.called:
+                if error == multiplex.ERR_WSM_OPEN_CHANNEL_TIMEOUT:
+                    d.errback(errors.StreamOpenTimeoutError(error))
+                elif error == multiplex.ERR_WSM_OPEN_CHANNEL_REJECTED:
+                    d.errback(errors.StreamRefusedError(channel.peer_error or error))
+                else:
+                    d.errback(errors.TransportClosedError(error or "closed"))
+                return
+            if error is None or error == multiplex.ERR_WSM_CHANNEL_CLOSED_BY_PEER and not channel.peer_error:
+                stream.connection_lost(None)
+            else:
+                stream.connection_lost(channel.peer_error or error)
+
+        channel.on_open = opened
+        channel.on_data = stream.data_received
+        channel.on_close = closed
+        channel.on_pause = stream.peer_paused
+        channel.on_resume = stream.peer_resumed
+        return d
+
+    def disconnect(self, reason="disconnected"):
+        """Server-side disconnect: close the WebSocket (fixes the original's W1)."""
+        code = CLOSE_GOING_AWAY if "shutting down" in (reason or "").lower() else CLOSE_NORMAL
+        if self.mux is not None:
+            self.mux.teardown(multiplex.ERR_WS_SOCKED_CLOSED)
+        self._close(code, reason)
+
+
+class WSTransport:
+    """Builds `TunnelWebSocket` protocols for authorised upgrades."""
+
+    def __init__(self, reactor, registry, node_id, max_message=multiplex.DEFAULT_MAX_PAYLOAD + 64):
+        self.reactor = reactor
+        self.registry = registry
+        self.node_id = node_id
+        self.factory = WebSocketServerFactory()
+        self.factory.setProtocolOptions(
+            maxMessagePayloadSize=max_message,
+            maxFramePayloadSize=max_message,
+            openHandshakeTimeout=HANDSHAKE_TIMEOUT,
+            perMessageCompressionAccept=lambda offers: None,
+            failByDrop=False,
+        )
+
+    def protocol_for(self, tunnel_id, account_id, peer_ip):
+        proto = TunnelWebSocket(self, tunnel_id, account_id, peer_ip)
+        proto.factory = self.factory
+        return proto
