@@ -1,0 +1,241 @@
+"""The storage contract shared by every backend (reference/storage.md 10).
+
+A backend is a small key/value store of JSON objects in three namespaces
+(``account``, ``tunnel``, ``ingress-altnames``). Every `IStorage` method
+returns a Deferred. Values are Python dicts; they are serialised as compact
+JSON (10.2) and returned exactly as stored: filling in defaults is the domain's
+job.
+"""
+
+import base64
+import binascii
+import json
+import re
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+log = Logger(namespace="exposr.storage")
+
+NAMESPACES = ("tunnel", "account", "ingress-altnames")
+
+_NS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class StorageError(Exception):
+    """A storage operation failed."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot be reached (the API answers 503)."""
+
+
+class NotFound(StorageError):
+    """The key does not exist (atomic update of a missing key)."""
+
+
+class LockTimeout(StorageError):
+    """The record lock could not be taken in time (Redis, 10.7)."""
+
+
+class InvalidCursor(StorageError, ValueError):
+    """A list cursor that this storage did not hand out."""
+
+
+class IStorage(Interface):
+    """A key/value store of JSON objects; every method returns a Deferred."""
+
+    def open():
+        """
+        Connect, create the schema and start the expiry cleanup. Fails with
+        `StorageUnavailable` (one-line reason) once a bounded number of
+        connection attempts have failed.
+        """
+
+    def close():
+        """Stop the cleanup and disconnect."""
+
+    def create(ns, key, value, ttl=None):
+        """Write ``value`` only if ``key`` is absent: True if written, else False."""
+
+    def put(ns, key, value, ttl=None):
+        """Write ``value`` unconditionally (None)."""
+
+    def get(ns, key):
+        """The stored dict, or None."""
+
+    def get_multi(ns, keys):
+        """A list with the dict (or None) of every key, in request order."""
+
+    def delete(ns, key):
+        """True if the key was deleted, False if it was absent."""
+
+    def list_keys(ns, cursor, count):
+        """
+        One page of keys from the backend: ``(keys, next_cursor)``, the cursor
+        being the backend's own (a string) and None at the end. ``cursor`` None
+        starts from the beginning. The page may hold fewer or more than
+        ``count`` keys.
+        """
+
+    def update(ns, key, fn):
+        """
+        Atomic read-modify-write under the backend's lock (10.7).
+
+        ``fn(current)`` returns the new dict (or a Deferred of it), or None to
+        leave the record untouched. Fires with the dict written, or None when
+        ``fn`` aborted; fails with `NotFound` when the key does not exist.
+        """
+
+
+# -- serialisation (10.2) ---------------------------------------------------
+
+
+def clean(value):
+    """
+    The JSON-able form of ``value``: keys starting with ``_`` and None values
+    are dropped from every object, at every level.
+    """
+    if isinstance(value, dict):
+        return {
+            k: clean(v)
+            for k, v in value.items()
+            if v is not None and not (isinstance(k, str) and k.startswith("_"))
+        }
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def dumps(value):
+    """Compact JSON text of ``value`` after `clean`."""
+    return json.dumps(clean(value), separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(text, where=""):
+    """
+    Parse a stored value; text or bytes. A value that is not valid JSON is
+    logged and read as missing.
+    """
+    if text is None:
+        return None
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8", "replace")
+    if not isinstance(text, str):
+        # already decoded (PostgreSQL JSONB)
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        log.warn("Ignoring unreadable stored value at {where}", where=where)
+        return None
+
+
+def table_name(ns):
+    """SQL table of a namespace: lower case, ``-`` to ``_``, ``t_`` before a digit."""
+    check_namespace(ns)
+    name = ns.lower().replace("-", "_")
+    if name[0].isdigit():
+        name = "t_" + name
+    return name
+
+
+def check_namespace(ns):
+    if not isinstance(ns, str) or not _NS_RE.match(ns):
+        raise StorageError("Invalid namespace %r" % (ns,))
+
+
+# -- API list paging (10.8) -------------------------------------------------
+
+
+def encode_cursor(cursor):
+    if cursor is None:
+        return None
+    return base64.urlsafe_b64encode(str(cursor).encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor):
+    if cursor is None or cursor == "":
+        return None
+    try:
+        raw = cursor.encode("ascii") if isinstance(cursor, str) else bytes(cursor)
+        raw += b"=" * (-len(raw) % 4)
+        return base64.b64decode(raw, altchars=b"-_", validate=True).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeError):
+        raise InvalidCursor("Invalid cursor")
+
+
+@defer.inlineCallbacks
+def list_page(storage, ns, cursor, count):
+    """
+    One API page of keys: ``(keys, cursor)`` where ``cursor`` is the base64url
+    (no padding) of the backend cursor, None at the end. The backend is asked
+    until it has given at least ``count`` keys or is exhausted; surplus keys
+    stay in the page.
+    """
+    count = max(1, int(count))
+    backend_cursor = decode_cursor(cursor)
+    keys = []
+    while True:
+        # the full count each time: Redis takes COUNT as a hint only, and a
+        # small hint means many round trips
+        page, backend_cursor = yield storage.list_keys(ns, backend_cursor, count)
+        keys.extend(page)
+        if backend_cursor is None or len(keys) >= count:
+            break
+    return keys, encode_cursor(backend_cursor)
+
+
+# -- helpers for backends ---------------------------------------------------
+
+
+class KeyedLock:
+    """A FIFO mutex per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self):
+        self._locks = {}
+
+    def run(self, key, fn, *args, **kwargs):
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = defer.DeferredLock()
+
+        def release(result):
+            if not lock.locked and not lock.waiting and self._locks.get(key) is lock:
+                del self._locks[key]
+            return result
+
+        return lock.run(fn, *args, **kwargs).addBoth(release)
+
+    def __len__(self):
+        return len(self._locks)
+
+
+def unavailable(reason):
+    """A `StorageUnavailable` failure with a one-line reason."""
+    return defer.fail(StorageUnavailable(one_line(reason)))
+
+
+def one_line(reason):
+    text = str(reason).strip() or reason.__class__.__name__
+    return " ".join(text.split())
+
+
+@implementer(IStorage)
+class BaseStorage(service.Service):
+    """
+    Service plumbing shared by the backends: the startup sequence awaits
+    `open`; `stopService` closes.
+    """
+
+    name = "storage"
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return self.close()
+
+    def _written(self, value):
+        """What ``update`` returns: the value as it is stored."""
+        return clean(value)

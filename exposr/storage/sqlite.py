@@ -1,0 +1,348 @@
+"""``sqlite://<path>``: one file, single node (storage.md 10.4).
+
+The layout is the original's, so a file can move between an original node and
+this one: one table per namespace (``account``, ``tunnel``,
+``ingress_altnames``) with ``key TEXT PRIMARY KEY, value BLOB, modified_at
+INTEGER, expires_at INTEGER NULL`` (unix seconds) and two indices.
+
+sqlite3 runs on one dedicated thread (never the reactor thread) with WAL and
+``synchronous=FULL``: a write is acknowledged only once it is on disk. Updates
+hold an in-process FIFO mutex per ``<namespace>:<key>``. Expired rows are
+invisible to reads and are deleted at open and every 5 minutes.
+"""
+
+import os
+import sqlite3
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from exposr.storage.base import (
+    NAMESPACES,
+    BaseStorage,
+    KeyedLock,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+    clean,
+    dumps,
+    loads,
+    one_line,
+    table_name,
+)
+
+log = Logger(namespace="exposr.storage.sqlite")
+
+CLEANUP_INTERVAL = 300.0
+_CHUNK = 500
+
+
+def _now(clock):
+    return int(clock.seconds())
+
+
+class SqliteStorage(BaseStorage):
+    """
+    ``path``: the file (created if missing). ``reactor`` runs the thread
+    hand-off; ``clock`` (defaults to ``reactor``) gives the time for TTLs and
+    drives the cleanup timer.
+    """
+
+    def __init__(self, path, reactor=None, clock=None, busy_timeout=5.0):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.path = path
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._busy_timeout = busy_timeout
+        self._pool = None
+        self._conn = None
+        self._tables = set()
+        self._locks = KeyedLock()
+        self._cleanup = None
+        self._cleanup_d = None
+
+    # -- thread plumbing ----------------------------------------------------
+
+    def _run(self, fn, *args):
+        if self._pool is None:
+            return defer.fail(StorageUnavailable("SQLite storage %s is not open" % self.path))
+        d = threads.deferToThreadPool(self._reactor, self._pool, fn, *args)
+        d.addErrback(self._translate)
+        return d
+
+    def _translate(self, failure):
+        if failure.check(StorageError):
+            return failure
+        if failure.check(sqlite3.OperationalError):
+            raise StorageUnavailable("SQLite %s: %s" % (self.path, one_line(failure.value)))
+        if failure.check(sqlite3.Error):
+            raise StorageError("SQLite %s: %s" % (self.path, one_line(failure.value)))
+        return failure
+
+    def _connect(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise StorageUnavailable("SQLite: directory %s does not exist" % directory)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # autocommit; explicit transactions only
+            check_same_thread=False,
+        )
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warn("SQLite {path}: journal mode is {mode}, not WAL", path=self.path, mode=mode)
+            conn.execute("PRAGMA synchronous=FULL")
+        except Exception:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _ensure_table_sync(self, table):
+        if table in self._tables:
+            return
+        c = self._conn
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS %s ("
+            "key TEXT PRIMARY KEY, value BLOB, modified_at INTEGER, expires_at INTEGER NULL)" % table
+        )
+        c.execute("CREATE INDEX IF NOT EXISTS idx_%s_modified_at ON %s (modified_at)" % (table, table))
+        c.execute("CREATE INDEX IF NOT EXISTS idx_%s_expires_at ON %s (expires_at)" % (table, table))
+        self._tables.add(table)
+
+    def _table_op(self, ns, fn, *args):
+        """Run ``fn(conn, table, *args)`` on the thread, creating the table first."""
+        try:
+            table = table_name(ns)
+        except StorageError:
+            return defer.fail()
+
+        def op():
+            self._ensure_table_sync(table)
+            return fn(self._conn, table, *args)
+
+        return self._run(op)
+
+    # -- life cycle ---------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def open(self):
+        if self._pool is not None:
+            return self
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="exposr-sqlite")
+        pool.start()
+        self._pool = pool
+        try:
+            yield self._run(self._connect)
+            for ns in NAMESPACES:
+                yield self._table_op(ns, lambda conn, table: None)
+            yield self._delete_expired()
+        except Exception as e:
+            yield self._stop_pool()
+            if isinstance(e, StorageUnavailable):
+                raise
+            raise StorageUnavailable("SQLite %s: %s" % (self.path, one_line(e)))
+        self._cleanup = task.LoopingCall(self._cleanup_tick)
+        self._cleanup.clock = self._clock
+        self._cleanup.start(CLEANUP_INTERVAL, now=False)
+        return self
+
+    def _cleanup_tick(self):
+        # never let a failure stop the loop; never run two at once
+        if self._cleanup_d is not None:
+            return None
+        d = self._delete_expired()
+        d.addErrback(lambda f: log.failure("SQLite expiry cleanup failed", f))
+        self._cleanup_d = d
+
+        def done(_):
+            self._cleanup_d = None
+
+        d.addBoth(done)
+        return None
+
+    def _delete_expired(self):
+        now = _now(self._clock)
+
+        def op():
+            total = 0
+            for table in sorted(self._tables):
+                cur = self._conn.execute(
+                    "DELETE FROM %s WHERE expires_at IS NOT NULL AND expires_at <= ?" % table, (now,)
+                )
+                total += cur.rowcount
+            return total
+
+        return self._run(op)
+
+    @defer.inlineCallbacks
+    def close(self):
+        if self._cleanup is not None and self._cleanup.running:
+            self._cleanup.stop()
+        self._cleanup = None
+        if self._cleanup_d is not None:
+            try:
+                yield self._cleanup_d
+            except Exception:
+                pass
+        yield self._stop_pool()
+
+    @defer.inlineCallbacks
+    def _stop_pool(self):
+        pool = self._pool
+        if pool is None:
+            return
+
+        def close_conn():
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            yield threads.deferToThreadPool(self._reactor, pool, close_conn)
+        except Exception:
+            log.failure("SQLite close failed")
+        self._pool = None
+        self._tables.clear()
+        # the thread is idle now: joining it does not block
+        pool.stop()
+
+    # -- IStorage -----------------------------------------------------------
+
+    def _expires(self, ttl):
+        return None if ttl is None else _now(self._clock) + int(ttl)
+
+    def create(self, ns, key, value, ttl=None):
+        text = dumps(value)
+        now, expires = _now(self._clock), self._expires(ttl)
+
+        def op(conn, table):
+            cur = conn.execute(
+                "INSERT INTO %s (key, value, modified_at, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key) DO NOTHING" % table,
+                (key, text, now, expires),
+            )
+            if cur.rowcount == 1:
+                return True
+            # an expired row still occupies the key: replace it
+            cur = conn.execute(
+                "UPDATE %s SET value = ?, modified_at = ?, expires_at = ? "
+                "WHERE key = ? AND expires_at IS NOT NULL AND expires_at <= ?" % table,
+                (text, now, expires, key, now),
+            )
+            return cur.rowcount == 1
+
+        return self._table_op(ns, op)
+
+    def put(self, ns, key, value, ttl=None):
+        text = dumps(value)
+        now, expires = _now(self._clock), self._expires(ttl)
+
+        def op(conn, table):
+            conn.execute(
+                "INSERT INTO %s (key, value, modified_at, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value, "
+                "modified_at = excluded.modified_at, expires_at = excluded.expires_at" % table,
+                (key, text, now, expires),
+            )
+
+        return self._table_op(ns, op)
+
+    def get(self, ns, key):
+        now = _now(self._clock)
+
+        def op(conn, table):
+            row = conn.execute(
+                "SELECT value FROM %s WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)" % table,
+                (key, now),
+            ).fetchone()
+            return None if row is None else loads(row[0], "%s:%s" % (ns, key))
+
+        return self._table_op(ns, op)
+
+    def get_multi(self, ns, keys):
+        keys = list(keys)
+        now = _now(self._clock)
+
+        def op(conn, table):
+            found = {}
+            unique = list(dict.fromkeys(keys))
+            for i in range(0, len(unique), _CHUNK):
+                chunk = unique[i:i + _CHUNK]
+                rows = conn.execute(
+                    "SELECT key, value FROM %s WHERE key IN (%s) AND (expires_at IS NULL OR expires_at > ?)"
+                    % (table, ",".join("?" * len(chunk))),
+                    (*chunk, now),
+                ).fetchall()
+                for k, v in rows:
+                    found[k] = v
+            return [loads(found[k], "%s:%s" % (ns, k)) if k in found else None for k in keys]
+
+        if not keys:
+            return defer.succeed([])
+        return self._table_op(ns, op)
+
+    def delete(self, ns, key):
+        now = _now(self._clock)
+
+        def op(conn, table):
+            cur = conn.execute(
+                "DELETE FROM %s WHERE key = ? RETURNING expires_at" % table, (key,)
+            )
+            rows = cur.fetchall()
+            return any(exp is None or exp > now for (exp,) in rows)
+
+        return self._table_op(ns, op)
+
+    def list_keys(self, ns, cursor, count):
+        now = _now(self._clock)
+        count = max(1, int(count))
+
+        def op(conn, table):
+            if cursor is None:
+                rows = conn.execute(
+                    "SELECT key FROM %s WHERE (expires_at IS NULL OR expires_at > ?) "
+                    "ORDER BY key ASC LIMIT ?" % table,
+                    (now, count),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT key FROM %s WHERE key > ? AND (expires_at IS NULL OR expires_at > ?) "
+                    "ORDER BY key ASC LIMIT ?" % table,
+                    (cursor, now, count),
+                ).fetchall()
+            keys = [r[0] for r in rows]
+            return keys, (keys[-1] if keys else None)
+
+        return self._table_op(ns, op)
+
+    def update(self, ns, key, fn):
+        @defer.inlineCallbacks
+        def locked():
+            current = yield self.get(ns, key)
+            if current is None:
+                raise NotFound("No such key %s:%s" % (ns, key))
+            new = yield defer.maybeDeferred(fn, current)
+            if new is None:
+                return None
+            text = dumps(new)
+            now = _now(self._clock)
+
+            def op(conn, table):
+                cur = conn.execute(
+                    "UPDATE %s SET value = ?, modified_at = ? "
+                    "WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)" % table,
+                    (text, now, key, now),
+                )
+                return cur.rowcount
+
+            changed = yield self._table_op(ns, op)
+            if not changed:
+                # deleted (or expired) while fn ran
+                raise NotFound("No such key %s:%s" % (ns, key))
+            return clean(new)
+
+        return self._locks.run("%s:%s" % (ns, key), locked)
