@@ -1,0 +1,393 @@
+"""The ``exposr`` command: the original exposr client's command line (api.md 4.6).
+
+    exposr [-s URL] [-a ACCOUNT] [--insecure] [--non-interactive] [--log-level L]
+           account create
+           tunnel create [ID] [KEY VALUE ...]
+           tunnel info|delete|disconnect ID
+           tunnel configure ID set KEY VALUE [KEY VALUE ...] | unset KEY [KEY ...]
+           tunnel connect [ID] [TARGET-URL] [KEY VALUE ...]
+"""
+
+import argparse
+import os
+import random
+import sys
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, task
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                            globalLogBeginner, textFileLogObserver)
+
+from exposr import __version__
+from exposr.client.connect import TunnelClosed, TunnelConnector
+from exposr.client.rest import ApiClient, ApiError
+
+BOOLS = {"on": True, "true": True, "yes": True, "1": True,
+         "off": False, "false": False, "no": False, "0": False}
+_SPECIAL = ("http", "https", "ws", "wss", "ftp")
+
+
+class UsageError(Exception):
+    pass
+
+
+def normalize_url(value):
+    """Validate a target URL and normalise it like WHATWG `URL.href` (path '/' for http...)."""
+    parts = urlsplit(value)
+    if not parts.scheme or not (parts.netloc or parts.path):
+        raise UsageError(f"Invalid URL: {value}")
+    if parts.scheme.lower() in _SPECIAL and parts.netloc and not parts.path:
+        value = parts._replace(path="/").geturl()
+    return value
+
+
+def _bool(key, value):
+    try:
+        return BOOLS[str(value).lower()]
+    except KeyError:
+        raise UsageError(f"Invalid value for {key}: {value} (use on/off)") from None
+
+
+def _altnames(key, value):
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+# KEY -> (parse function, builder of the single nested PATCH body)
+SETTINGS = {
+    "target-url": (lambda k, v: normalize_url(v), lambda v: {"target": {"url": v}}),
+    "transport-ws": (_bool, lambda v: {"transport": {"ws": {"enabled": v}}}),
+    "transport-ssh": (_bool, lambda v: {"transport": {"ssh": {"enabled": v}}}),
+    "ingress-http": (_bool, lambda v: {"ingress": {"http": {"enabled": v}}}),
+    "ingress-http-altnames": (_altnames, lambda v: {"ingress": {"http": {"alt_names": v}}}),
+    "ingress-sni": (_bool, lambda v: {"ingress": {"sni": {"enabled": v}}}),
+}
+_ALIASES = {"upstream-url": "target-url"}
+
+
+def setting_bodies(pairs, unset=False):
+    """[(key, value)] -> [PATCH body], one per setting, in the given order."""
+    bodies = []
+    for key, value in pairs:
+        key = _ALIASES.get(key, key)
+        if key not in SETTINGS:
+            raise UsageError(f"Unknown option: {key} (one of {', '.join(SETTINGS)})")
+        parse, build = SETTINGS[key]
+        bodies.append(build(None if unset else parse(key, value)))
+    return bodies
+
+
+def _pairs(args):
+    if len(args) % 2:
+        raise UsageError(f"Missing value for option {args[-1]}")
+    return list(zip(args[0::2], args[1::2]))
+
+
+def _looks_like_url(value):
+    return "://" in value
+
+
+_ADJ = ("silly brave calm eager fancy gentle happy jolly kind lucky mighty nice proud quick "
+        "shiny swift tidy witty zesty bold bright clever cool cosy curly dizzy fuzzy giant "
+        "grumpy humble icy lazy loud noisy odd plain quiet rapid rare round sleepy smart "
+        "soft spicy sunny tall tiny warm wild young").split()
+_NOUN = ("goose panda otter fox badger bear cat dog eagle falcon frog gecko hawk koala lemur "
+         "lion llama moose mouse newt owl parrot penguin rabbit raccoon seal shark sloth snail "
+         "swan tiger turtle walrus whale wolf yak zebra crab deer duck horse lynx mole").split()
+
+
+def random_tunnel_id(rng=random):
+    return f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}-{rng.randint(0, 99)}"
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-s", "--server", default=argparse.SUPPRESS,
+                        help="exposr server URL (env EXPOSR_SERVER)")
+    common.add_argument("-a", "--account", default=argparse.SUPPRESS,
+                        help="account ID (env EXPOSR_ACCOUNT)")
+    common.add_argument("--non-interactive", action="store_true", default=argparse.SUPPRESS,
+                        help="plain line output (always the case here)")
+    common.add_argument("-k", "--insecure", action="store_true", default=argparse.SUPPRESS,
+                        help="skip TLS certificate verification (server and targets)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warn", "error", "critical"])
+
+    p = argparse.ArgumentParser(prog="exposr", parents=[common],
+                                description="exposr tunnel client")
+    p.add_argument("--version", action="version", version=f"exposr-cli/{__version__}")
+    groups = p.add_subparsers(dest="group", required=True, metavar="{account,tunnel}")
+
+    acc = groups.add_parser("account", parents=[common], help="account commands")
+    acc_cmds = acc.add_subparsers(dest="command", required=True)
+    acc_cmds.add_parser("create", parents=[common], help="create an account")
+
+    tun = groups.add_parser("tunnel", parents=[common], help="tunnel commands")
+    tc = tun.add_subparsers(dest="command", required=True)
+    c = tc.add_parser("create", parents=[common], help="create a tunnel")
+    c.add_argument("args", nargs="*", metavar="[ID] [KEY VALUE ...]")
+    for name, text in (("info", "show a tunnel"), ("delete", "delete a tunnel"),
+                       ("disconnect", "disconnect a tunnel's clients")):
+        tc.add_parser(name, parents=[common], help=text).add_argument("tunnel_id", metavar="ID")
+    cf = tc.add_parser("configure", parents=[common], help="set or unset tunnel options")
+    cf.add_argument("tunnel_id", metavar="ID")
+    cf.add_argument("action", choices=["set", "unset"])
+    cf.add_argument("args", nargs="+", metavar="KEY [VALUE]")
+    cn = tc.add_parser("connect", parents=[common], help="connect a tunnel to a target")
+    cn.add_argument("args", nargs="*", metavar="[ID] [TARGET-URL] [KEY VALUE ...]")
+    return p
+
+
+class Cli:
+    """One invocation of the command line. `run(argv)` -> Deferred[exit code]."""
+
+    def __init__(self, reactor, out=None, err=None, environ=None):
+        self.reactor = reactor
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.environ = os.environ if environ is None else environ
+        self.connector = None
+        self.connected = defer.Deferred()  # fires once `tunnel connect` is up
+        self._stopping = False
+        self._done = defer.Deferred()  # `tunnel connect` has cleaned up
+
+    def say(self, line):
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def parse(self, argv):
+        opts = build_parser().parse_args(argv)
+        opts.server = getattr(opts, "server", None) or self.environ.get("EXPOSR_SERVER")
+        opts.account = getattr(opts, "account", None) or self.environ.get("EXPOSR_ACCOUNT")
+        opts.insecure = getattr(opts, "insecure", False)
+        opts.log_level = getattr(opts, "log_level", "info")
+        return opts
+
+    @defer.inlineCallbacks
+    def run(self, argv, opts=None):
+        try:
+            opts = opts or self.parse(argv)
+            if not opts.server:
+                raise UsageError("No server given: use -s/--server or EXPOSR_SERVER")
+            api = ApiClient(self.reactor, opts.server, opts.account, insecure=opts.insecure)
+            handler = getattr(self, f"cmd_{opts.group}_{opts.command}")
+            yield handler(api, opts)
+        except (ApiError, UsageError, TunnelClosed) as e:
+            self.err.write(f"{e}\n")
+            self.err.flush()
+            return 1
+        return 0
+
+    # -- commands -----------------------------------------------------------------
+    @defer.inlineCallbacks
+    def cmd_account_create(self, api, opts):
+        acct = yield api.create_account()
+        self.say(f"Created account {acct['account_id_hr']}")
+
+    @defer.inlineCallbacks
+    def _configure(self, api, tunnel_id, bodies):
+        for body in bodies:
+            yield api.patch_tunnel(tunnel_id, body)
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_create(self, api, opts):
+        args = list(opts.args)
+        tunnel_id = args.pop(0) if len(args) % 2 else random_tunnel_id()
+        bodies = setting_bodies(_pairs(args))
+        api._need_account()
+        yield api.put_tunnel(tunnel_id, {})
+        yield self._configure(api, tunnel_id, bodies)
+        self.say(f"Created tunnel {tunnel_id}")
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_info(self, api, opts):
+        t = yield api.get_tunnel(opts.tunnel_id)
+        for line in format_info(t):
+            self.say(line)
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_delete(self, api, opts):
+        yield api.delete_tunnel(opts.tunnel_id)
+        self.say(f"Tunnel {opts.tunnel_id} deleted")
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_disconnect(self, api, opts):
+        result = yield api.disconnect_tunnel(opts.tunnel_id)
+        self.say(f"Tunnel {opts.tunnel_id} disconnected: {'true' if result else 'false'}")
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_configure(self, api, opts):
+        if opts.action == "set":
+            pairs = _pairs(opts.args)
+            bodies = setting_bodies(pairs)
+        else:
+            pairs = [(k, None) for k in opts.args]
+            bodies = setting_bodies(pairs, unset=True)
+        yield self._configure(api, opts.tunnel_id, bodies)
+        for key, value in pairs:
+            self.say(f"{'Set' if opts.action == 'set' else 'Unset'} {key}"
+                     + (f" to {value}" if opts.action == "set" else ""))
+        self.say(f"Tunnel {opts.tunnel_id} configured")
+
+    @staticmethod
+    def connect_args(args):
+        """[ID] [TARGET-URL] [KEY VALUE ...] -> (id or None, target or None, pairs)."""
+        args = list(args)
+        tunnel_id = target = None
+        if args and not _looks_like_url(args[0]) and args[0] not in SETTINGS:
+            tunnel_id = args.pop(0)
+        if args and _looks_like_url(args[0]):
+            target = args.pop(0)
+        if tunnel_id is None and target is None:
+            raise UsageError("Need at least one of tunnel-id or target-url")
+        return tunnel_id, target, _pairs(args)
+
+    @defer.inlineCallbacks
+    def cmd_tunnel_connect(self, api, opts):
+        tunnel_id, target, pairs = self.connect_args(opts.args)
+        keys = [_ALIASES.get(k, k) for k, _ in pairs]
+        if target:
+            pairs.append(("target-url", target))
+            if "ingress-http" not in keys and target.startswith("http"):
+                pairs.append(("ingress-http", "on"))
+        if "transport-ws" not in keys:
+            pairs.append(("transport-ws", "on"))
+        bodies = setting_bodies(pairs)
+
+        if not api.account:
+            acct = yield api.create_account()
+            api.account = acct["account_id_hr"]
+            self.say(f"Created account {api.account}")
+
+        created = False
+        if tunnel_id is None:
+            tunnel_id = random_tunnel_id()
+            yield api.put_tunnel(tunnel_id, {})
+            created = True
+        else:
+            yield api.refresh_token()
+            try:
+                yield api.get_tunnel(tunnel_id)
+            except ApiError as e:
+                if e.code != "TUNNEL_NOT_FOUND":
+                    raise
+                yield api.put_tunnel(tunnel_id, {})
+                created = True
+        if created:
+            self.say(f"Created tunnel {tunnel_id}")
+
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
+        try:
+            yield self._configure(api, tunnel_id, bodies)
+            if not self._stopping:
+                self.connector = TunnelConnector(self.reactor, api, tunnel_id,
+                                                 insecure=opts.insecure)
+                yield self._hold(tunnel_id)
+        finally:
+            if not self._stopping:
+                self.reactor.removeSystemEventTrigger(trigger)
+            if created:
+                yield self._delete_quietly(api, tunnel_id)
+            self._done.callback(None)
+
+    @defer.inlineCallbacks
+    def _hold(self, tunnel_id):
+        try:
+            info = yield self.connector.start()
+        except TunnelClosed:
+            if self._stopping:
+                return
+            raise
+        self.say(f"Tunnel {tunnel_id} connected to {self.connector.target_url}")
+        for kind, url in ingress_urls(info):
+            self.say(f"Ingress {kind.upper()}: {url}")
+        self.connected.callback(info)
+        yield self.connector.finished
+        self.say(f"Tunnel {tunnel_id} disconnected")
+
+    @defer.inlineCallbacks
+    def _delete_quietly(self, api, tunnel_id):
+        try:
+            yield api.delete_tunnel(tunnel_id)
+            self.say(f"Tunnel {tunnel_id} deleted")
+        except ApiError as e:
+            self.err.write(f"Could not delete tunnel {tunnel_id}: {e}\n")
+
+    def shutdown(self):
+        """Ctrl-C / SIGTERM (a before-shutdown trigger): close the WebSockets."""
+        self._stopping = True
+        if self.connector is not None:
+            self.connector.stop()
+        return self._done
+
+
+def ingress_urls(info):
+    for kind, ing in sorted((info.get("ingress") or {}).items()):
+        urls = list(ing.get("urls") or ([ing["url"]] if ing.get("url") else []))
+        for url in urls:
+            yield kind, url
+
+
+def format_info(t):
+    conn = t.get("connection") or {}
+    lines = [f"Tunnel: {t.get('id')}"]
+    if "connected" in conn:
+        lines.append(f"Connected: {'true' if conn['connected'] else 'false'}")
+        for key, label in (("connections", "Connections"), ("connected_at", "Connected at"),
+                           ("alive_at", "Alive at"), ("disconnected_at", "Disconnected at")):
+            if conn.get(key) is not None:
+                lines.append(f"{label}: {conn[key]}")
+    if t.get("created_at"):
+        lines.append(f"Created at: {t['created_at']}")
+    lines.append("Transports")
+    for name, tr in (t.get("transport") or {}).items():
+        if isinstance(tr, dict) and tr.get("url"):
+            lines.append(f"  {name.upper()}: {tr['url']}")
+    lines.append("Ingress points")
+    for kind, url in ingress_urls(t):
+        lines.append(f"  {kind.upper()}: {url}")
+    http = (t.get("ingress") or {}).get("http") or {}
+    tr = t.get("transport") or {}
+
+    def flag(v):
+        return "<not set>" if v is None else ("on" if v else "off")
+
+    lines += ["Configuration",
+              f"  target-url: {(t.get('target') or {}).get('url') or '<not set>'}",
+              f"  ingress-http: {flag(http.get('enabled'))}",
+              f"  ingress-http-altnames: {','.join(http.get('alt_names') or []) or '<not set>'}",
+              f"  ingress-sni: {flag(((t.get('ingress') or {}).get('sni') or {}).get('enabled'))}",
+              f"  transport-ws: {flag((tr.get('ws') or {}).get('enabled'))}",
+              f"  transport-ssh: {flag((tr.get('ssh') or {}).get('enabled'))}"]
+    return lines
+
+
+_LEVEL_ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
+                LogLevel.critical]
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+           "error": LogLevel.error, "critical": LogLevel.critical}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cli = None
+
+    def start(reactor):
+        nonlocal cli
+        cli = Cli(reactor)
+        opts = cli.parse(argv)  # argparse errors exit here (code 2)
+        # our own messages at the chosen level; library chatter only from warn on
+        level = _LEVELS[opts.log_level]
+        predicate = LogLevelFilterPredicate(defaultLogLevel=max(level, LogLevel.warn,
+                                                                key=_LEVEL_ORDER.index))
+        predicate.setLogLevelForNamespace("exposr", level)
+        globalLogBeginner.beginLoggingTo(
+            [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+            redirectStandardIO=False)
+        return cli.run(argv, opts).addCallback(_exit)
+
+    task.react(start)
+
+
+def _exit(code):
+    if code:
+        raise SystemExit(code)
