@@ -1,0 +1,176 @@
+"""The account service (accounts-tunnels.md 2): create, read, disable, delete, list.
+
+Account numbers are secrets: they never appear in log lines.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from exposr import model
+from exposr.storage.base import NotFound, list_page
+
+log = Logger(namespace="exposr.accounts")
+
+NS = "account"
+
+# One attempt plus up to 100 retries on id collision (2.3).
+CREATE_ATTEMPTS = 101
+
+
+class AccountService:
+    """
+    Accounts over an `IStorage`. ``tunnels`` (a `TunnelService`) is attached
+    by the tunnel service's constructor; deletion and disabling use it.
+    """
+
+    def __init__(self, storage, clock, randbytes=os.urandom):
+        self.storage = storage
+        self.clock = clock
+        self.tunnels = None
+        self._randbytes = randbytes
+
+    def _now(self):
+        return self.clock.seconds()
+
+    def generate_id(self):
+        return model.generate_account_id(self._randbytes)
+
+    @defer.inlineCallbacks
+    def create(self):
+        """A new account record, or None when no unique number was found."""
+        for _ in range(CREATE_ATTEMPTS):
+            account_id = self.generate_id()
+            record = model.new_account(account_id, self._now())
+            created = yield self.storage.create(NS, account_id, record)
+            if created:
+                log.info("Account created")
+                return record
+        log.error("Could not generate a unique account number")
+        return None
+
+    @defer.inlineCallbacks
+    def get(self, account_id):
+        """The account (any accepted spelling of its number), or None."""
+        canonical = model.normalize_account_id(account_id)
+        if canonical is None:
+            return None
+        stored = yield self.storage.get(NS, canonical)
+        return model.read_account(stored)
+
+    @defer.inlineCallbacks
+    def _update(self, account_id, fn):
+        canonical = model.normalize_account_id(account_id)
+        if canonical is None:
+            return None
+        now = self._now()
+
+        def apply(current):
+            record = model.read_account(current)
+            result = fn(record)
+            if result is None:
+                return None
+            result["updated_at"] = model.iso_timestamp(now)
+            return result
+
+        try:
+            written = yield self.storage.update(NS, canonical, apply)
+        except NotFound:
+            return None
+        return model.read_account(written)
+
+    @defer.inlineCallbacks
+    def set_disabled(self, account_id, disabled, reason=None):
+        """
+        Disable (with an optional reason) or enable an account. Disabling
+        disconnects every tunnel of the account. The updated account, or None
+        when it does not exist.
+        """
+        now = self._now()
+
+        def change(record):
+            status = record["status"]
+            status["disabled"] = bool(disabled)
+            if disabled:
+                status["disabled_at"] = model.iso_timestamp(now)
+                if reason is not None:
+                    status["disabled_reason"] = reason
+                else:
+                    status.pop("disabled_reason", None)
+            else:
+                status.pop("disabled_at", None)
+                status.pop("disabled_reason", None)
+            return record
+
+        record = yield self._update(account_id, change)
+        if record is not None and disabled and self.tunnels is not None:
+            for tunnel_id in list(record["tunnels"]):
+                try:
+                    yield self.tunnels.disconnect(tunnel_id)
+                except Exception:
+                    log.error("Could not disconnect tunnel {tunnel_id}: {error}", tunnel_id=tunnel_id,
+                              error=model.describe_error())
+        return record
+
+    def add_tunnel(self, account_id, tunnel_id):
+        """Append a tunnel id to the account's list if absent (A8). None if no account."""
+
+        def change(record):
+            if tunnel_id in record["tunnels"]:
+                return None
+            record["tunnels"].append(tunnel_id)
+            return record
+
+        return self._update(account_id, change)
+
+    def remove_tunnel(self, account_id, tunnel_id):
+        def change(record):
+            if tunnel_id not in record["tunnels"]:
+                return None
+            record["tunnels"] = [t for t in record["tunnels"] if t != tunnel_id]
+            return record
+
+        return self._update(account_id, change)
+
+    @defer.inlineCallbacks
+    def delete(self, account_id):
+        """
+        Delete an account and all its tunnels. True when deleted, False when
+        the account does not exist.
+        """
+        record = yield self.get(account_id)
+        if record is None:
+            return False
+        canonical = record["id"] if "id" in record else model.normalize_account_id(account_id)
+        if self.tunnels is not None:
+            for tunnel_id in list(record["tunnels"]):
+                try:
+                    yield self.tunnels.delete(tunnel_id, canonical, update_account=False)
+                except Exception:
+                    log.warn(
+                        "Could not delete tunnel {tunnel_id}: {error}",
+                        tunnel_id=tunnel_id,
+                        error=model.describe_error(),
+                    )
+        deleted = yield self.storage.delete(NS, canonical)
+        if deleted:
+            log.info("Account deleted")
+        return bool(deleted)
+
+    @defer.inlineCallbacks
+    def list(self, cursor=None, count=25, verbose=False):
+        """
+        One page: ``(cursor, accounts)``. Non-verbose entries are the minimal
+        objects of admin.md 5.2; verbose entries the stored records.
+        """
+        keys, next_cursor = yield list_page(self.storage, NS, cursor, count)
+        if verbose:
+            values = yield self.storage.get_multi(NS, keys) if keys else defer.succeed([])
+            accounts = [model.read_account(v) for v in values if v is not None]
+        else:
+            accounts = [
+                {"accountId": k, "id": k, "tunnels": [], "status": {"disabled": False}}
+                for k in keys
+            ]
+        return next_cursor, accounts
