@@ -96,17 +96,20 @@ class ExposrService(MultiService):
         _exit_code = 255
         reason = failure.getErrorMessage() or failure.type.__name__
         log.critical("Failed to start up: {reason}", reason=reason)
-        if self.reactor.running:
-            self.reactor.stop()
-            if "exposr.script" not in sys.modules:
-                # plain `twistd exposrd`: it has no exit-status hook of its own
-                self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 255)
+        if "exposr.script" not in sys.modules:
+            # plain `twistd exposrd`: it has no exit-status hook of its own
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 255)
+        self.reactor.callWhenRunning(self.reactor.stop)
         return failure
 
     @defer.inlineCallbacks
     def stopService(self):
         started = self.readiness.started
         log.info("exposrd shutting down")
+        # twistd re-raises SIGTERM/SIGINT at exit so the status shows the
+        # signal; a graceful shutdown of exposrd exits 0 (lifecycle.md 12.3)
+        if hasattr(self.reactor, "_exitSignal"):
+            self.reactor._exitSignal = None
         self.readiness.ready = False
         for hook in self.stop_hooks:
             try:
