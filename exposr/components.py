@@ -5,12 +5,16 @@ transports for the server's `Config` and attaches them to the root service in
 start-up order (storage first, so that it stops last).
 """
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from exposr.accounts import AccountService
 from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
 from exposr.api.public import PublicAPI
 from exposr.connections import ConnectionRegistry
+from exposr.endpoint import TunnelEndpoint
 from exposr.listen import Listener, tcp_endpoint
 from exposr.listener import Door
 from exposr.storage import storage_from_url
@@ -81,9 +85,9 @@ def build(server):
         )
 
     if config.sni_ingress_enabled:
-        from exposr.ingress.sni import build_sni_listener
-
-        server.add_listener(build_sni_listener(server, config, tunnels, registry, reactor))
+        sni = _SNIWiring(server, config, tunnels, registry, reactor)
+        server.start_hooks.append(sni.start)
+        server.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), sni.factory))
 
     interface = AdminInterface(server.readiness) if config.admin_enable else None
     admin_api = None
@@ -109,6 +113,50 @@ def build(server):
                 Listener("admin-api", tcp_endpoint(reactor, config.admin_api_port, address),
                          _QuietSite(admin_resource(None, admin_api)))
             )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _SNIWiring:
+    """SNI ingress: the certificate (loaded at start, so a bad one fails start-up
+    with one line), the routing of a server name to a tunnel endpoint."""
+
+    def __init__(self, server, config, tunnels, registry, reactor):
+        from exposr.ingress.sni import SNIIngressFactory
+
+        self.server = server
+        self.config = config
+        self.tunnels = tunnels
+        self.registry = registry
+        self.reactor = reactor
+        self.watcher = None
+        self.factory = SNIIngressFactory(self.resolve, self, reactor)
+
+    def start(self):
+        from exposr.ingress.certificate import CertificateWatcher
+
+        config = self.config
+        self.watcher = CertificateWatcher(
+            config.ingress_sni_cert, config.ingress_sni_key, self.reactor, sni_host=config.ingress_sni_host
+        )
+        self.watcher.setServiceParent(self.server)
+        self.tunnels.sni_url_for = lambda tunnel_id: self.watcher.url(tunnel_id, config.ingress_sni_port)
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return self.watcher.serverConnectionForTLS(tlsProtocol)
+
+    @defer.inlineCallbacks
+    def resolve(self, tunnel_id):
+        from exposr.ingress.sni import Route, SNIRefused
+
+        tunnel = yield self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            raise SNIRefused(f"unknown tunnel {tunnel_id}")
+        sni = tunnel.get("ingress", {}).get("sni", {})
+        if not sni.get("enabled"):
+            raise SNIRefused(f"SNI ingress not enabled for {tunnel_id}")
+        if not self.registry.is_connected(tunnel_id):
+            raise SNIRefused(f"tunnel {tunnel_id} is not connected")
+        return Route(TunnelEndpoint(self.registry, tunnel_id), passthrough=bool(sni.get("passthrough")))
 
 
 def _altnames(config, storage, reactor):
