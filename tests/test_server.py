@@ -130,3 +130,34 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(procs.jsonof(body)["id"], "durable-one")
         procs.stop(transport2, signal.SIGTERM)
         yield proto2.ended.addTimeout(30, reactor)
+
+
+class TapFileTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_tap_file_runs_under_twistd(self):
+        from twisted.internet import reactor
+
+        api, admin = procs.free_port(), procs.free_port()
+        path = os.path.abspath(self.mktemp() + ".tap")
+        proto, _ = procs.spawn(["-c", "from exposr.tapfile import main; main()", path, *_base(api, admin)])
+        code = yield proto.ended.addTimeout(30, reactor)
+        self.assertEqual(code, 0, proto.output)
+        proto, transport = procs.twistd("-n", "--pidfile=", "-o", "-f", path)
+        self.addCleanup(procs.stop, transport, signal.SIGKILL)
+        yield proto.wait_for(b"exposrd ready")
+        status, _ = yield procs.http("GET", f"http://127.0.0.1:{admin}/ping")
+        self.assertEqual(status, 200)
+        procs.stop(transport, signal.SIGTERM)
+        code = yield proto.ended.addTimeout(30, reactor)
+        self.assertEqual(code, 0)
+
+    @defer.inlineCallbacks
+    def test_mktap_refuses_bad_options_in_one_line(self):
+        from twisted.internet import reactor
+
+        proto, _ = procs.spawn(["-c", "from exposr.tapfile import main; main()", "x.tap", "--api-port", "-3"])
+        code = yield proto.ended.addTimeout(30, reactor)
+        self.assertEqual(code, 2)
+        self.assertEqual(len(proto.output.strip().splitlines()), 1, proto.output)
