@@ -7,11 +7,12 @@ start-up order (storage first, so that it stops last).
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from exposr.accounts import AccountService
 from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
+from exposr.api.common import MAX_BODY
 from exposr.api.public import PublicAPI
 from exposr.connections import ConnectionRegistry
 from exposr.endpoint import TunnelEndpoint
@@ -21,8 +22,29 @@ from exposr.storage import storage_from_url
 from exposr.tunnels import TunnelService
 
 
+class BoundedRequest(Request):
+    """A request whose body is kept only up to what the API accepts.
+
+    twisted.web would otherwise store any body (in memory, then a temporary
+    file) before a resource sees it. Bytes past the limit are read and
+    dropped; one byte over is kept so the API answers its "request entity too
+    large" error.
+    """
+
+    max_body = MAX_BODY
+
+    def gotLength(self, length):
+        super().gotLength(None if length is None or length > self.max_body else length)
+
+    def handleContentChunk(self, data):
+        room = self.max_body + 1 - self.content.tell()
+        if room > 0:
+            self.content.write(data[:room])
+
+
 class _QuietSite(Site):
     noisy = False
+    requestFactory = BoundedRequest
 
 
     def log(self, request):
