@@ -180,7 +180,7 @@ TUNNEL_DEFAULT = {
     },
     "ingress": {
         "http": {"enabled": False, "url": OPTIONAL, "urls": [], "alt_names": []},
-        "sni": {"enabled": False, "url": OPTIONAL, "urls": []},
+        "sni": {"enabled": False, "passthrough": OPTIONAL, "url": OPTIONAL, "urls": []},
     },
     "target": {"url": OPTIONAL},
     "id": OPTIONAL,
@@ -321,4 +321,8 @@ def compute_ingress(tunnel, config, sni_url_for=None):
             sni["urls"] = [url]
         else:
             sni["urls"] = []
+    if sni_in.get("passthrough"):
+        # beyond the original: TLS spliced to the client untouched (kept
+        # while disabled so that re-enabling keeps the mode)
+        sni["passthrough"] = True
     return {"http": http, "sni": sni}

@@ -216,6 +216,11 @@ class TunnelService:
                     record["ingress"]["http"]["alt_names"] = list(granted)
             if "enabled" in sni:
                 record["ingress"]["sni"]["enabled"] = sni["enabled"]
+            if "passthrough" in sni:
+                if sni["passthrough"]:
+                    record["ingress"]["sni"]["passthrough"] = True
+                else:
+                    record["ingress"]["sni"].pop("passthrough", None)
             if "url" in target:
                 if target["url"] is None:
                     record["target"].pop("url", None)

@@ -348,6 +348,7 @@ class ValidationTests(APITestCase):
             ({"ingress": {"http": {"enabled": 1}}}, '"ingress.http.enabled" must be a boolean'),
             ({"ingress": {"http": {"enabled": None}}}, '"ingress.http.enabled" must be a boolean'),
             ({"ingress": {"sni": {"enabled": []}}}, '"ingress.sni.enabled" must be a boolean'),
+            ({"ingress": {"sni": {"passthrough": "maybe"}}}, '"ingress.sni.passthrough" must be a boolean'),
             ({"transport": {"ws": {"enabled": "on"}}}, '"transport.ws.enabled" must be a boolean'),
             ({"target": {"url": ""}}, '"target.url" is not allowed to be empty'),
             ({"target": {"url": "not a uri"}}, '"target.url" must be a valid uri'),

@@ -160,6 +160,25 @@ class TunnelServiceTests(unittest.TestCase):
         )
 
     @defer.inlineCallbacks
+    def test_sni_passthrough_is_stored_and_survives_disable(self):
+        self.stack = Stack(
+            config=make_config(ingress=("http", "sni")),
+            sni_url_for="tcps://{}.example.com:4430".format,
+        )
+        account, _ = yield self.stack.account_and_tunnel()
+        tunnels = self.stack.tunnels
+        updated = yield tunnels.update_config(
+            "my-tunnel", account["id"], {"ingress": {"sni": {"enabled": True, "passthrough": True}}}
+        )
+        self.assertIs(updated["ingress"]["sni"]["passthrough"], True)
+        updated = yield tunnels.update_config("my-tunnel", account["id"], {"ingress": {"sni": {"enabled": False}}})
+        self.assertEqual(updated["ingress"]["sni"], {"enabled": False, "urls": [], "passthrough": True})
+        stored = yield tunnels.get("my-tunnel")
+        self.assertIs(stored["ingress"]["sni"]["passthrough"], True)
+        updated = yield tunnels.update_config("my-tunnel", account["id"], {"ingress": {"sni": {"passthrough": False}}})
+        self.assertNotIn("passthrough", updated["ingress"]["sni"])
+
+    @defer.inlineCallbacks
     def test_alt_names_default_refuses_new(self):
         account, _ = yield self.stack.account_and_tunnel()
         failure = yield self.assertFailure(

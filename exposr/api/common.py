@@ -327,7 +327,9 @@ def validate_tunnel_body(body):
             res = out["ingress"]["sni"] = {}
             if "enabled" in sni:
                 res["enabled"] = to_bool(sni["enabled"], "ingress.sni.enabled")
-            reject_unknown(sni, "ingress.sni", ("enabled",))
+            if "passthrough" in sni:
+                res["passthrough"] = to_bool(sni["passthrough"], "ingress.sni.passthrough")
+            reject_unknown(sni, "ingress.sni", ("enabled", "passthrough"))
         reject_unknown(ingress, "ingress", ("http", "sni"))
     if "target" in body:
         target = check_object(body["target"], "target", None)

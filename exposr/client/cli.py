@@ -60,6 +60,7 @@ SETTINGS = {
     "ingress-http": (_bool, lambda v: {"ingress": {"http": {"enabled": v}}}),
     "ingress-http-altnames": (_altnames, lambda v: {"ingress": {"http": {"alt_names": v}}}),
     "ingress-sni": (_bool, lambda v: {"ingress": {"sni": {"enabled": v}}}),
+    "ingress-sni-passthrough": (_bool, lambda v: {"ingress": {"sni": {"passthrough": v}}}),
 }
 _ALIASES = {"upstream-url": "target-url"}
 
