@@ -14,6 +14,12 @@ from twisted.python import usage
 
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
+    import os
+
+    if os.environ.get("EXPOSR_SELF_TEST"):
+        from exposr import selftest
+
+        return sys.exit(selftest.run())
     from exposr import options, server
 
     if not ({"-h", "--help", "--version", "--show-hidden"} & set(args)):

@@ -161,3 +161,17 @@ class TapFileTests(unittest.TestCase):
         code = yield proto.ended.addTimeout(30, reactor)
         self.assertEqual(code, 2)
         self.assertEqual(len(proto.output.strip().splitlines()), 1, proto.output)
+
+
+class SelfTestTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_self_test_reports_each_check(self):
+        from twisted.internet import reactor
+
+        proto, _ = procs.exposrd(environ=procs.env(EXPOSR_SELF_TEST="1"))
+        code = yield proto.ended.addTimeout(30, reactor)
+        self.assertEqual(code, 0, proto.output)
+        self.assertEqual(
+            proto.output.splitlines(),
+            [b"DNS lookup test: PASS", b"HTTPS connection test: PASS", b"SQLite3 module test: PASS", b"All tests: PASS"],
+        )
