@@ -303,6 +303,14 @@ class _ServerTransport(sshtransport.SSHServerTransport):
         svc.protocols.add(self)
         self._closed = defer.Deferred()
         self._grace_call = svc.reactor.callLater(svc.login_grace, self._grace_expired)
+        # window adjusts and keep-alives are small packets: never hold them
+        # back for the peer's delayed ACK (Nagle), or streams stall ~40 ms
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass
         self.transport.registerProducer(self, True)
         sshtransport.SSHServerTransport.connectionMade(self)
 
