@@ -79,8 +79,9 @@ def build(server):
         server.start_hooks.append(ssh.listen)
     server.ssh = ssh
     fingerprint = (lambda: ssh.fingerprint) if ssh is not None else None
+    ssh_port = (lambda: ssh.port) if ssh is not None else None
 
-    public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint)
+    public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint, ssh_port=ssh_port)
     site = _QuietSite(public.resource())
 
     ws = None
@@ -117,7 +118,7 @@ def build(server):
         admin_api = AdminAPI(
             config, accounts, tunnels, registry,
             nodes=local_node_view(node, reactor),
-            ssh_fingerprint=fingerprint,
+            ssh_fingerprint=fingerprint, ssh_port=ssh_port,
         )
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
         server.add_listener(
@@ -161,7 +162,15 @@ class _SNIWiring:
             config.ingress_sni_cert, config.ingress_sni_key, self.reactor, sni_host=config.ingress_sni_host
         )
         self.watcher.setServiceParent(self.server)
-        self.tunnels.sni_url_for = lambda tunnel_id: self.watcher.url(tunnel_id, config.ingress_sni_port)
+        self.tunnels.sni_url_for = lambda tunnel_id: self.watcher.url(tunnel_id, self.port())
+
+    def port(self):
+        """The advertised SNI port: the configured one, or the bound one for port 0."""
+        port = self.config.ingress_sni_port
+        listener = self.server.listeners.get("ingress-sni")
+        if port == 0 and listener is not None and listener.address is not None:
+            port = listener.address.port
+        return port
 
     def serverConnectionForTLS(self, tlsProtocol):
         return self.watcher.serverConnectionForTLS(tlsProtocol)

@@ -53,3 +53,26 @@ class InProcessServerTests(unittest.TestCase):
         # the bare domain is the API's
         status, body = yield procs.http("GET", self.base + "/v1/tunnel/shared-port", headers={**auth, "Host": "example.test"})
         self.assertEqual(status, 200)
+
+
+class BoundPortTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_ssh_port_zero_advertises_the_bound_port(self):
+        config = Config(
+            ingress_http_url="http://example.test", api_port=0, ingress_http_port=0, transport=("ws", "ssh"),
+            transport_ssh_port=0, allow_registration=True, listen_address="127.0.0.1",
+        )
+        server = ExposrService(config, reactor)
+        server.startService()
+        yield server.when_started()
+        self.addCleanup(server.stopService)
+        base = f"http://127.0.0.1:{server.listeners['api'].address.port}"
+        status, body = yield procs.http("POST", base + "/v1/account", b"{}")
+        account = json.loads(body)["account_id"]
+        status, body = yield procs.http("GET", f"{base}/v1/account/{account}/token")
+        auth = {"Authorization": "Bearer " + json.loads(body)["token"]}
+        status, body = yield procs.http("PUT", base + "/v1/tunnel/port-zero", b"{}", auth)
+        ssh = json.loads(body)["transport"]["ssh"]
+        self.assertNotEqual(server.ssh.port, 0)
+        self.assertEqual(ssh["port"], server.ssh.port)
+        self.assertTrue(ssh["url"].endswith(f"@127.0.0.1:{server.ssh.port}"))

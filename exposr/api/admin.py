@@ -86,7 +86,8 @@ def _iso(ms):
 
 
 class AdminAPI:
-    def __init__(self, config, accounts, tunnels, registry, nodes=None, ssh_fingerprint=None):
+    def __init__(self, config, accounts, tunnels, registry, nodes=None, ssh_fingerprint=None, ssh_port=None):
+        self.ssh_port = ssh_port
         self.config = config
         self.accounts = accounts
         self.tunnels = tunnels
@@ -180,7 +181,7 @@ class AdminAPI:
             "token": tunnel["transport"].get("token"),
             "max_connections": self.config.transport_max_connections,
         }
-        transport.update(transport_blocks(self.config, tunnel, base, self.ssh_fingerprint))
+        transport.update(transport_blocks(self.config, tunnel, base, self.ssh_fingerprint, self.ssh_port))
         out = {
             "tunnel_id": tunnel["id"],
             "account_id": tunnel.get("account"),

@@ -423,9 +423,13 @@ def lenient_b64decode(text):
 # -- tunnel JSON pieces ----------------------------------------------------------
 
 
-def ssh_endpoint(config, base):
-    """``(host, port)`` advertised for SSH (ssh.md 7.2), host None if unknown."""
+def ssh_endpoint(config, base, ssh_port=None):
+    """``(host, port)`` advertised for SSH (ssh.md 7.2), host None if unknown.
+
+    ``ssh_port()`` gives the bound port when the configured one is 0."""
     host, port = None, config.transport_ssh_port
+    if port == 0 and ssh_port is not None:
+        port = ssh_port()
     if config.transport_ssh_host:
         from exposr.api.baseurl import split_host_port
 
@@ -443,7 +447,7 @@ def ssh_endpoint(config, base):
     return host, port
 
 
-def transport_blocks(config, tunnel, base, ssh_fingerprint=None):
+def transport_blocks(config, tunnel, base, ssh_fingerprint=None, ssh_port=None):
     """The ``ws`` and ``ssh`` objects of tunnel JSON (those enabled on the server)."""
     tunnel_id = tunnel["id"]
     token = tunnel["transport"].get("token") or ""
@@ -459,7 +463,7 @@ def transport_blocks(config, tunnel, base, ssh_fingerprint=None):
         )
         out["ws"] = {"enabled": bool(tunnel["transport"]["ws"].get("enabled")), "url": url}
     if config.ssh_transport_enabled:
-        host, port = ssh_endpoint(config, base)
+        host, port = ssh_endpoint(config, base, ssh_port)
         ssh = {
             "enabled": bool(tunnel["transport"]["ssh"].get("enabled")),
             "host": host,

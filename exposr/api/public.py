@@ -35,8 +35,9 @@ log = Logger(namespace="exposr.api.public")
 
 
 class PublicAPI:
-    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None):
+    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None, ssh_port=None):
         self.config = config
+        self.ssh_port = ssh_port
         self.accounts = accounts
         self.tunnels = tunnels
         self.registry = registry
@@ -106,7 +107,7 @@ class PublicAPI:
             if state.get(key) is not None:
                 connection[key] = state[key]
         transport = {"max_connections": self.config.transport_max_connections}
-        transport.update(transport_blocks(self.config, tunnel, base, self.ssh_fingerprint))
+        transport.update(transport_blocks(self.config, tunnel, base, self.ssh_fingerprint, self.ssh_port))
         ingress = tunnel.get("ingress", {})
         http = ingress.get("http", {})
         sni = ingress.get("sni", {})
