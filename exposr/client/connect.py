@@ -230,6 +230,13 @@ class TunnelWebSocket(WebSocketClientProtocol):
         self._dropping = False
 
     def onOpen(self):
+        # autobahn tries TCP_NODELAY before its options are copied from the
+        # factory, and silently fails: small PAUSE/RESUME/ACK frames then
+        # wait ~40 ms for delayed ACKs
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.CLIENT, clock=self.clock)
         self.mux.on_incoming = self._incoming
         self.mux.on_teardown = self._teardown
