@@ -50,7 +50,7 @@ class FrontDoor(protocol.Protocol):
         self.lost = False
 
     def connectionMade(self):
-        self.timer = self.door.clock.callLater(FIRST_HEAD_TIMEOUT, self._timeout)
+        self.timer = self.door.clock.callLater(self.door.first_head_timeout, self._timeout)
 
     def _timeout(self):
         self.timer = None
@@ -114,8 +114,10 @@ class FrontDoor(protocol.Protocol):
 
 
 class Door(protocol.Factory):
-    noisy = False
     """Decides the owner of each connection on the shared port."""
+
+    noisy = False
+    first_head_timeout = FIRST_HEAD_TIMEOUT
 
     def __init__(self, config, clock, site, ingress=None, ws=None, tunnels=None):
         self.config = config
@@ -144,7 +146,11 @@ class Door(protocol.Factory):
             door._refuse(_raw(400, b"Bad Request"))
             return None
         if self.ingress is not None:
-            tunnel_id = yield self.ingress.claim(host)
+            try:
+                tunnel_id = yield self.ingress.claim(host)
+            except Exception as e:  # an alt-name lookup: storage trouble
+                log.warn("ingress lookup of {host} failed: {err}", host=host, err=str(e) or type(e).__name__)
+                tunnel_id = None
             if tunnel_id is not None:
                 return self.ingress.session()
         if head.is_upgrade:
@@ -177,8 +183,9 @@ class Door(protocol.Factory):
         if tunnel_id and token:
             try:
                 result = yield self.tunnels.authorize(tunnel_id, token)
-            except Exception:
-                log.failure("authorizing a WebSocket transport failed")
+            except Exception as e:  # storage trouble: refuse, the client retries
+                log.warn("authorizing a WebSocket transport of {tunnel} failed: {err}",
+                         tunnel=tunnel_id, err=str(e) or type(e).__name__)
                 result = None
         if not result:
             door._refuse(_raw(401, b"Unauthorized", b'{"error":"PERMISSION_DENIED"}', version=version))

@@ -29,22 +29,30 @@ def _ip(text):
 
 
 def is_trusted(peer_ip, networks):
-    try:
-        addr = ipaddress.ip_address(peer_ip)
-    except ValueError:
+    """Whether the socket peer is one of the trusted proxies (IPv4-mapped peers unmapped)."""
+    if not networks:
         return False
+    try:
+        addr = ipaddress.ip_address(peer_ip.strip("[]"))
+    except (ValueError, AttributeError):
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
     return any(addr in net for net in networks)
 
 
-def client_ip(peer_ip, head, networks):
+def client_ip(peer_ip, head, networks, trusted=None):
     """The public client's address.
 
     The socket peer, unless the peer is a trusted proxy (a load balancer in
     front of us) that says who its client was in ``X-Forwarded-For`` (first
-    element). A public client cannot spoof its address.
+    element). A public client cannot spoof its address. ``trusted``: the
+    result of `is_trusted` for this peer, if already known.
     """
     peer = _ip(peer_ip) or ""
-    if peer and is_trusted(peer, networks):
+    if trusted is None:
+        trusted = bool(peer) and is_trusted(peer, networks)
+    if peer and trusted:
         xff = head.get(b"x-forwarded-for")
         if xff:
             first = xff.split(b",", 1)[0].decode("latin-1")
@@ -103,40 +111,91 @@ class Rewriter:
     def __init__(self, node_id):
         self.node_id = node_id
         self._node = node_id.encode()
+        self._targets = {}
 
     def rewrite(self, head, ip, base, target_url, local=True):
-        """Mutate ``head`` as 8.4 says; `base` from `base_url`; ``target_url`` str or None."""
+        """Mutate ``head`` as 8.4 says; `base` from `base_url`; ``target_url`` str or None.
+
+        One pass to read, one pass to write (this runs for every request):
+        each replaced header takes the position of its first occurrence,
+        under its lower-case name; new ones are appended in a fixed order.
+        """
+        headers = head.headers
+        seen = {}
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _READ:
+                if lname in seen:
+                    seen[lname] += b", " + value
+                else:
+                    seen[lname] = value
         ipb = ip.encode()
-        head.set(b"x-forwarded-for", ipb)
-        head.set(b"x-real-ip", ipb)
-        via = head.get(b"exposr-via")
-        head.set(b"exposr-via", self._node + b"," + via if via else self._node)
-        if not local:
-            return head
-        upgrade = head.is_upgrade
-        if not upgrade:
-            head.remove(b"connection")
-        if base is not None:
-            scheme, host, port = base
-            hostport = host if port is None else f"{host}:{port}"
-            head.set(b"x-forwarded-host", hostport.encode("latin-1"))
-            if port is not None:
-                head.set(b"x-forwarded-port", str(port).encode())
-            head.set(b"x-forwarded-proto", scheme.encode())
-            ip_part = ip if ":" not in ip else f'"[{ip}]"'
-            head.set(
-                b"forwarded",
-                f"by=_exposr;for={ip_part};host={hostport};proto={scheme}".encode("latin-1"),
-            )
-        if target_url and target_url.lower().startswith("http"):
+        via = seen.get(b"exposr-via")
+        new = {
+            b"x-forwarded-for": ipb,
+            b"x-real-ip": ipb,
+            b"exposr-via": self._node + b"," + via if via else self._node,
+        }
+        drop = None
+        if local:
+            if not head.is_upgrade:
+                drop = b"connection"
+            if base is not None:
+                scheme, host, port = base
+                hostport = host if port is None else f"{host}:{port}"
+                new[b"x-forwarded-host"] = hostport.encode("latin-1")
+                if port is not None:
+                    new[b"x-forwarded-port"] = str(port).encode()
+                new[b"x-forwarded-proto"] = scheme.encode()
+                ip_part = ip if ":" not in ip else f'"[{ip}]"'
+                new[b"forwarded"] = f"by=_exposr;for={ip_part};host={hostport};proto={scheme}".encode("latin-1")
+            target = self._target(target_url)
+            if target is not None:
+                original = (seen.get(b"host") or b"").decode("latin-1").lower()
+                for name in (b"host", b"referer", b"origin"):
+                    value = seen.get(name)
+                    if value is not None:
+                        rewritten = _rewrite_toward_target(value, original, target)
+                        if _safe(rewritten):
+                            new[name] = rewritten
+        out = []
+        placed = set()
+        for pair in headers:
+            lname = pair[0].lower()
+            if lname in new:
+                if lname not in placed:
+                    out.append((lname, new[lname]))
+                    placed.add(lname)
+            elif lname != drop:
+                out.append(pair)
+        if len(placed) < len(new):
+            out += [(n, v) for n, v in new.items() if n not in placed]
+        headers[:] = out
+        return head
+
+    def _target(self, target_url):
+        """The parsed target URL when the target rewrite applies (http/https), else None."""
+        if not target_url:
+            return None
+        try:
+            return self._targets[target_url]
+        except KeyError:
+            pass
+        target = None
+        if target_url.lower().startswith("http"):
             try:
                 target = urlsplit(target_url)
                 target.port  # noqa: B018  (raises on a bad port)
             except ValueError:
-                return head
-            original = (head.get(b"host") or b"").decode("latin-1").lower()
-            for name in (b"host", b"referer", b"origin"):
-                value = head.get(name)
-                if value is not None:
-                    head.set(name, _rewrite_toward_target(value, original, target))
-        return head
+                target = None
+        if len(self._targets) > 1024:
+            self._targets.clear()
+        self._targets[target_url] = target
+        return target
+
+
+_READ = frozenset((b"exposr-via", b"host", b"referer", b"origin"))
+
+
+def _safe(value):
+    return b"\r" not in value and b"\n" not in value and b"\x00" not in value

@@ -25,7 +25,8 @@ from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 log = Logger(namespace="exposr.ingress.http")
 access_log = Logger(namespace="exposr.ingress.http.access")
 
-HEAD_TIMEOUT = 30.0  # a request head must be complete this long after the previous one ended
+HEAD_TIMEOUT = 30.0
+CLIENT_BUFFER = 256 * 1024  # bytes buffered towards a public client before the stream is paused  # a request head must be complete this long after the previous one ended
 
 _REASONS = {
     400: b"Bad Request",
@@ -97,12 +98,13 @@ class Upstream(protocol.Protocol):
             self.transport.loseConnection()
             return
         if self.parser is None:  # an upgraded stream: raw both ways
+            session.response_started = True
             session.transport.write(data)
             return
         try:
             events = self.parser.feed(data)
         except HeadError as e:
-            session.upstream_failed(self, "malformed response: " + e.reason)
+            session.upstream_failed(self, "malformed response: " + e.reason, "TUNNEL_TARGET_CON_FAILED")
             return
         session.response_events(self, events)
 
@@ -119,7 +121,7 @@ class Upstream(protocol.Protocol):
                 events = None
                 why = e.reason
             if events is None:
-                session.upstream_failed(self, why)
+                session.upstream_failed(self, why, "TUNNEL_TARGET_CON_FAILED")
             else:
                 session.response_events(self, events)
                 if self.session is session:
@@ -143,15 +145,22 @@ class UpstreamPool:
         self.idle = []
         self.factory = _UpstreamFactory(self)
 
-    def acquire(self):
-        """A Deferred of (Upstream, reused: bool)."""
+    def take_idle(self):
+        """An idle stream to reuse, or None."""
         while self.idle:
             up = self.idle.pop()
             if up.idle_timer is not None and up.idle_timer.active():
                 up.idle_timer.cancel()
             up.idle_timer = None
             if not up.lost:
-                return defer.succeed((up, True))
+                return up
+        return None
+
+    def acquire(self):
+        """A Deferred of (Upstream, reused: bool)."""
+        up = self.take_idle()
+        if up is not None:
+            return defer.succeed((up, True))
         return self.open().addCallback(lambda up: (up, False))
 
     def open(self):
@@ -194,6 +203,8 @@ class UpstreamPool:
 class HTTPIngress:
     """Routing by Host, tunnel checks, and the per-tunnel pools of this node."""
 
+    head_timeout = HEAD_TIMEOUT
+
     def __init__(self, config, tunnels, registry, node_id, clock, altnames=None):
         from urllib.parse import urlsplit
 
@@ -235,13 +246,18 @@ class HTTPIngress:
             pool = self.pools[tunnel_id] = UpstreamPool(self, tunnel_id)
         return pool
 
-    @defer.inlineCallbacks
     def check(self, tunnel_id, head, upgrade=False):
-        """The tunnel record if the request may go through, else IngressError (8.3)."""
-        try:
-            tunnel = yield self.tunnels.get(tunnel_id)
-        except Exception:
-            tunnel = None
+        """A Deferred of the tunnel record if the request may go through, else IngressError (8.3)."""
+        d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
+        d.addErrback(self._lookup_failed, tunnel_id)
+        d.addCallback(self._verdict, tunnel_id, head, upgrade)
+        return d
+
+    def _lookup_failed(self, failure, tunnel_id):
+        log.warn("tunnel {tunnel}: lookup failed: {err}", tunnel=tunnel_id, err=failure.getErrorMessage())
+        return None
+
+    def _verdict(self, tunnel, tunnel_id, head, upgrade):
         if tunnel is None:
             raise IngressError(404, "TUNNEL_NOT_FOUND")
         if not self.registry.is_connected(tunnel_id):
@@ -312,14 +328,19 @@ class IngressSession(protocol.Protocol):
         self.response_started = False
 
     def connectionMade(self):
+        # Twisted pauses a producer once 64 KiB are buffered: with 64 KiB
+        # DATA messages that is a PAUSE/RESUME round trip to the tunnel client
+        # for almost every message of a download (measured: ~10x slower)
+        self.transport.bufferSize = CLIENT_BUFFER
         self.gate = _Gate(self.transport)
         self.upstream_reader = _ReasonProducer(self.gate, "upstream")
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
+        self.peer_trusted = forwarding.is_trusted(self.peer_ip, self.ingress.trusted)
         self._arm_timer()
 
     def _arm_timer(self):
         self._cancel_timer()
-        self.timer = self.ingress.clock.callLater(HEAD_TIMEOUT, self._head_timeout)
+        self.timer = self.ingress.clock.callLater(self.ingress.head_timeout, self._head_timeout)
 
     def _cancel_timer(self):
         if self.timer is not None and self.timer.active():
@@ -379,7 +400,6 @@ class IngressSession(protocol.Protocol):
     def _start_request(self, head):
         self._cancel_timer()
         self.state = ROUTING
-        self.gate.hold("routing")
         self.request = head
         self.started = time.monotonic()
         self.status = None
@@ -387,27 +407,42 @@ class IngressSession(protocol.Protocol):
         self.response_started = False
         self.upgrade = head.is_upgrade or head.method == b"CONNECT"
         host = httphead.host_of(head)
+        # one short Deferred chain, no inlineCallbacks: with a memory storage
+        # and a pooled stream the whole routing runs synchronously, per request
         d = defer.maybeDeferred(self.ingress.claim, host)
         d.addCallback(self._claimed, head)
-        d.addCallback(self._acquired, head)
+        d.addCallback(self._checked, head)
         d.addErrback(self._route_failed)
+        if self.state == ROUTING and self.request is head:
+            # waiting for storage or a stream: stop reading meanwhile
+            self.gate.hold("routing")
 
-    @defer.inlineCallbacks
     def _claimed(self, tunnel_id, head):
         if tunnel_id is None:
             raise IngressError(421, "MISDIRECTED_REQUEST")
         self.tunnel_id = tunnel_id
-        tunnel = yield self.ingress.check(tunnel_id, head, self.upgrade)
+        d = defer.maybeDeferred(self.ingress.tunnels.get, tunnel_id)
+        d.addErrback(self.ingress._lookup_failed, tunnel_id)
+        return d
+
+    def _checked(self, tunnel, head):
         ingress = self.ingress
-        trusted = forwarding.is_trusted(self.peer_ip, ingress.trusted)
-        self.client_ip = forwarding.client_ip(self.peer_ip, head, ingress.trusted)
-        base = forwarding.base_url(head, trusted)
-        ingress.rewriter.rewrite(head, self.client_ip, base, tunnel.get("target", {}).get("url"))
+        tunnel_id = self.tunnel_id
+        ingress._verdict(tunnel, tunnel_id, head, self.upgrade)
+        self.client_ip = forwarding.client_ip(self.peer_ip, head, ingress.trusted, self.peer_trusted)
+        base = forwarding.base_url(head, self.peer_trusted)
+        ingress.rewriter.rewrite(head, self.client_ip, base, (tunnel.get("target") or {}).get("url"))
         pool = ingress.pool(tunnel_id)
-        if self.upgrade:
-            up = yield pool.open()
-            return up, False
-        return (yield pool.acquire())
+        if not self.upgrade:
+            up = pool.take_idle()
+            if up is not None:
+                self._acquired((up, True), head)
+                return None
+            return pool.open().addCallback(self._opened, head)
+        return pool.open().addCallback(self._opened, head)
+
+    def _opened(self, up, head):
+        self._acquired((up, False), head)
 
     def _acquired(self, result, head):
         up, reused = result
@@ -460,6 +495,7 @@ class IngressSession(protocol.Protocol):
         else:
             self.state = IDLE
             self.request = None
+            self.response_started = False
             self.gate.release("routing")
             self._arm_timer()
             self._drain_pending()
@@ -510,18 +546,21 @@ class IngressSession(protocol.Protocol):
             return
         self.state = IDLE
         self.request = None
+        self.response_started = False
         self.gate.release("pipeline")
         self._arm_timer()
         self._drain_pending()
 
-    def upstream_failed(self, up, why):
+    def upstream_failed(self, up, why, code="TUNNEL_TARGET_CON_RESET"):
         if up is not self.up:
             return
         self._unsplice()
         self.up = None
         up.session = None
         up.transport.loseConnection()
-        if self.state == TUNNEL:
+        if self.state == TUNNEL and self.response_started:
+            # an upgraded connection ends when either side ends
+            self._access()
             self._close()
             return
         if self.response_started:
@@ -533,7 +572,7 @@ class IngressSession(protocol.Protocol):
             return
         log.info("tunnel {tunnel}: upstream failed before a response: {why}", tunnel=self.tunnel_id, why=why)
         self.status = 502
-        self.transport.write(json_response(502, {"error": "TUNNEL_TARGET_CON_RESET"}, close=True))
+        self.transport.write(json_response(502, {"error": code}, version=self.request.version, close=True))
         self._access()
         self._close()
 
@@ -541,6 +580,9 @@ class IngressSession(protocol.Protocol):
         up = self.up
         if up is not None and not up.lost:
             up.transport.unregisterProducer()
+            # the public socket may have paused the stream; once unregistered
+            # it will never resume it: a pooled stream must not stay paused
+            up.transport.resumeProducing()
         self.transport.unregisterProducer()
         self.gate.release("upstream")
 
@@ -548,10 +590,17 @@ class IngressSession(protocol.Protocol):
         head = self.request
         if head is None:
             return
+        method = head.method.decode("latin-1")
+        path = head.target.decode("latin-1")
+        # the message is pre-rendered (braces escaped): twisted.logger's
+        # format-string rendering is a noticeable part of a request's cost
+        message = f"{method} {path} {self.status}"
+        if "{" in message or "}" in message:
+            message = message.replace("{", "{{").replace("}", "}}")
         access_log.info(
-            "{method} {path} {status}",
-            method=head.method.decode("latin-1"),
-            path=head.target.decode("latin-1"),
+            message,
+            method=method,
+            path=path,
             status=self.status,
             tunnel=getattr(self, "tunnel_id", None),
             client=getattr(self, "client_ip", self.peer_ip),

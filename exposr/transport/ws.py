@@ -13,9 +13,11 @@ channel's producer (the ingress sockets) is paused until it drains; a PAUSE from
 the client pauses that channel's producer only.
 """
 
+import struct
 import uuid
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -28,7 +30,12 @@ from exposr.transport.stream import StreamTransport
 
 log = Logger(namespace="exposr.transport.ws")
 
+_HEAD_SHORT = [bytes((0x82, n)) for n in range(126)]
+_pack_head16 = struct.Struct("!BBH").pack
+_pack_head64 = struct.Struct("!BBQ").pack
+
 HANDSHAKE_TIMEOUT = 5.0
+CARRIER_BUFFER = 512 * 1024  # bytes buffered towards the client before every channel is paused
 CLOSE_REFUSED = 1008
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -62,7 +69,7 @@ class TunnelWebSocket(WebSocketServerProtocol):
         self.service = transport_service
         self.tunnel_id = tunnel_id
         self.account_id = account_id
-        self.peer = peer_ip
+        self.peer = self._peer_ip = peer_ip
         self.connection_id = f"{transport_service.node_id}:{uuid.uuid4()}"
         self.registered = False
         self.mux = None
@@ -75,9 +82,15 @@ class TunnelWebSocket(WebSocketServerProtocol):
     # -- WebSocket life cycle -------------------------------------------
 
     def onOpen(self):
-        clock = self.service.reactor
+        # autobahn's connectionMade overwrote ``peer`` with "tcp4:host:port";
+        # the registry wants the client's IP address (ITunnelConnection.peer)
+        self.peer = self._peer_ip
+        clock = self.service.clock
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
+        # pausing every channel at Twisted's default 64 KiB would stall all
+        # uploads of the tunnel for each message sent
+        self.transport.bufferSize = CARRIER_BUFFER
         self.transport.registerProducer(_CarrierProducer(self), True)
         self._keepalive = multiplex.KeepAlive(clock.seconds())
         self._pinger = task.LoopingCall(self._ping)
@@ -107,7 +120,7 @@ class TunnelWebSocket(WebSocketServerProtocol):
 
     def onPong(self, payload):
         if self._keepalive is not None:
-            self._keepalive.pong(self.service.reactor.seconds())
+            self._keepalive.pong(self.service.clock.seconds())
 
     def onClose(self, wasClean, code, reason):
         self._closing = True
@@ -124,17 +137,43 @@ class TunnelWebSocket(WebSocketServerProtocol):
             log.info("tunnel {tunnel} disconnected ({conn})", tunnel=self.tunnel_id, conn=self.connection_id)
 
     def _ping(self):
-        now = self.service.reactor.seconds()
+        now = self.service.clock.seconds()
         if self._keepalive.expired(now):
             log.info("tunnel {tunnel}: no pong for {s} s, dropping", tunnel=self.tunnel_id, s=multiplex.PING_TIMEOUT)
+            self._pinger.stop()
+            self._closing = True
             self.mux.teardown(multiplex.ERR_WS_PING_TIMEOUT)
             self.dropConnection(abort=True)
             return
         self.sendPing()
 
     def _send(self, data):
-        if self.state == self.STATE_OPEN:
+        """One ws-multiplex message as one binary frame (server frames are not masked).
+
+        The frame is written directly: autobahn's sendMessage/sendFrame/sendData
+        cost several calls and eagerly formatted debug-log arguments per message.
+        This is equivalent as long as autobahn has nothing queued (we never use
+        sync sends, chopsize, auto-fragmentation or compression) and no message
+        of its own is half sent (we never use beginMessage).
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
+            return
+        n = len(data)
+        if n < 126:
+            header = _HEAD_SHORT[n]
+        elif n < 65536:
+            header = _pack_head16(0x82, 126, n)
+        else:
+            header = _pack_head64(0x82, 127, n)
+        self.transport.writeSequence((header, data))
+
+    def dataReceived(self, data):
+        # autobahn's dataReceived formats debug-log arguments (hltype/hlval)
+        # for every read even when debug logging is off
+        self._dataReceived(data)
 
     def _on_teardown(self, error):
         if not self._closing:
@@ -143,9 +182,12 @@ class TunnelWebSocket(WebSocketServerProtocol):
     def _close(self, code, reason):
         self._closing = True
         if self.state == self.STATE_OPEN:
-            self.sendClose(code, reason[:120])
-        elif self.state != self.STATE_CLOSED:
+            # sendClose() refuses 1001/1008 (autobahn allows applications only
+            # 1000 and 3000-4999); the reference codes are sent as they are
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason or "", 123) or None, isReply=False)
+        elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
             self.dropConnection(abort=True)
+        # CLOSING: our close frame (or the peer's) is out; autobahn finishes it
 
     def _carrier_paused(self, paused):
         self._paused = paused
@@ -158,7 +200,7 @@ class TunnelWebSocket(WebSocketServerProtocol):
     # -- ITunnelConnection ------------------------------------------------
 
     def open_stream(self, protocolFactory):
-        if self._closing or self.mux is None:
+        if self._closing or self.mux is None or self.state != self.STATE_OPEN:
             return defer.fail(errors.TransportClosedError("WebSocket closed"))
         try:
             channel = self.mux.open_channel()
@@ -204,17 +246,22 @@ class TunnelWebSocket(WebSocketServerProtocol):
 
     def disconnect(self, reason="disconnected"):
         """Server-side disconnect: close the WebSocket (fixes the original's W1)."""
-        code = CLOSE_GOING_AWAY if "shutting down" in (reason or "").lower() else CLOSE_NORMAL
+        if "shutting down" in (reason or "").lower():
+            code, reason = CLOSE_GOING_AWAY, "Server shutting down"
+        else:
+            code = CLOSE_NORMAL
+        self._close(code, reason)
         if self.mux is not None:
             self.mux.teardown(multiplex.ERR_WS_SOCKED_CLOSED)
-        self._close(code, reason)
 
 
 class WSTransport:
     """Builds `TunnelWebSocket` protocols for authorised upgrades."""
 
-    def __init__(self, reactor, registry, node_id, max_message=multiplex.DEFAULT_MAX_PAYLOAD + 64):
+    def __init__(self, reactor, registry, node_id, max_message=multiplex.DEFAULT_MAX_PAYLOAD + 64, clock=None):
         self.reactor = reactor
+        # timers of the multiplexer and the keep-alive (tests inject a Clock)
+        self.clock = clock if clock is not None else reactor
         self.registry = registry
         self.node_id = node_id
         self.factory = WebSocketServerFactory()

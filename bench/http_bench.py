@@ -1,0 +1,299 @@
+"""HTTP through the tunnel vs direct, in one run (by hand, not in CI).
+
+Starts a small target (100-byte responses, and ``/big``: 100 MB), ``exposrd``
+and the ``exposr`` client as subprocesses, then prints for the target reached
+directly and through the tunnel:
+
+* req/s and p50/p99 latency at 10 and 50 connections (``wrk --latency``),
+* MB/s of a 100 MB download (``curl -w '%{speed_download}'``),
+
+and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
+(``apt-get install -y wrk curl``).
+
+    .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web]
+        [--log-level info] [--profile out.svg]   # py-spy record of exposrd
+
+``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
+tunnel run at the largest connection count.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BIG = 100 * 1000 * 1000
+TUNNEL = "bench"
+
+
+# -- the target (runs in its own process: `http_bench.py --target PORT`) ---------------
+
+
+def run_web_target(port):
+    """The same answers from a twisted.web Site (a typical small Python HTTP server)."""
+    from twisted.internet import reactor
+    from twisted.web import resource, server, static
+
+    block = os.urandom(256 * 1024)
+
+    class Big(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", b"%d" % BIG)
+            left = [BIG]
+
+            def more():
+                while left[0] > 0 and not request._disconnected:
+                    n = min(left[0], len(block))
+                    left[0] -= n
+                    request.write(block if n == len(block) else block[:n])
+                    if request.channel is not None and request.channel.transport.producerPaused:
+                        break
+                if left[0] <= 0:
+                    request.unregisterProducer()
+                    request.finish()
+
+            class P:
+                def resumeProducing(self):
+                    more()
+
+                def pauseProducing(self):
+                    pass
+
+                def stopProducing(self):
+                    left[0] = 0
+
+            request.registerProducer(P(), False)
+            return server.NOT_DONE_YET
+
+    root = static.Data(b"x" * 100, "text/plain")
+    root.isLeaf = True
+    top = resource.Resource()
+    top.putChild(b"big", Big())
+    top.putChild(b"", root)
+    site = server.Site(top)
+    site.log = lambda request: None
+    reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
+    reactor.run()
+
+
+def run_target(port):
+    from twisted.internet import protocol, reactor
+    from twisted.internet.interfaces import IPushProducer
+    from zope.interface import implementer
+
+    body = b"x" * 100
+    small = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
+             b"Connection: keep-alive\r\n\r\n" + body)
+    block = os.urandom(256 * 1024)
+
+    @implementer(IPushProducer)
+    class Big:
+        def __init__(self, transport, size):
+            self.transport = transport
+            self.left = size
+            self.paused = False
+            self.call = None
+
+        def pauseProducing(self):
+            self.paused = True
+
+        def resumeProducing(self):
+            self.paused = False
+            if self.call is None:
+                self.call = reactor.callLater(0, self.run)
+
+        def stopProducing(self):
+            self.left = 0
+
+        def run(self):
+            self.call = None
+            while not self.paused and self.left > 0:
+                n = min(self.left, len(block))
+                self.left -= n
+                self.transport.write(block if n == len(block) else block[:n])
+            if self.left <= 0:
+                self.transport.unregisterProducer()
+
+    class Responder(protocol.Protocol):
+        def connectionMade(self):
+            self.buf = b""
+
+        def dataReceived(self, data):
+            self.buf += data
+            while True:
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head, self.buf = self.buf[:end], self.buf[end + 4:]
+                if head.startswith(b"GET /big"):
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                         b"Content-Length: %d\r\n\r\n" % BIG)
+                    p = Big(self.transport, BIG)
+                    self.transport.registerProducer(p, True)
+                    p.resumeProducing()
+                else:
+                    self.transport.write(small)
+
+    f = protocol.Factory.forProtocol(Responder)
+    f.noisy = False
+    reactor.listenTCP(port, f, interface="127.0.0.1", backlog=1024)
+    reactor.run()
+
+
+# -- orchestration ---------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def wait_file(path, pattern, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(path, "rb") as f:
+            if re.search(pattern, f.read()):
+                return
+        time.sleep(0.05)
+    with open(path, "rb") as f:
+        raise SystemExit(f"timed out waiting for {pattern!r}:\n{f.read().decode(errors='replace')[-2000:]}")
+
+
+def wrk(url, connections, duration, host=None):
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    if host:
+        argv[1:1] = ["-H", f"Host: {host}"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def download(url, host=None):
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download} %{http_code}", url]
+    if host:
+        argv[1:1] = ["-H", f"Host: {host}"]
+    speed, size, code = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    if int(size) != BIG or code != "200":
+        raise SystemExit(f"download failed: {size} bytes, status {code}")
+    return float(speed) / 1e6
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--target":
+        (run_web_target if sys.argv[3] == "web" else run_target)(int(sys.argv[2]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", default="10,50")
+    ap.add_argument("--log-level", default="info", help="exposrd --log-level (default info)")
+    ap.add_argument("--target", choices=["raw", "web"], default="raw",
+                    help="raw: a Twisted protocol answering fixed bytes (default); web: a twisted.web Site")
+    ap.add_argument("--profile", help="py-spy flame graph (svg) of exposrd during the last tunnel wrk run")
+    args = ap.parse_args()
+    for tool in ("wrk", "curl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed (apt-get install -y {tool})")
+    conns = [int(c) for c in args.connections.split(",")]
+    py = sys.executable
+    tmp = tempfile.mkdtemp(prefix="exposr-bench-")
+    procs = []
+
+    def start(argv, name):
+        log = open(os.path.join(tmp, name + ".log"), "wb")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")})
+        procs.append(p)
+        return p, log.name
+
+    try:
+        tport, sport = free_port(), free_port()
+        start([py, os.path.abspath(__file__), "--target", str(tport), args.target], "target")
+        wait_port(tport)
+        server, _ = start([py, "-c", "from exposr.script import main; main()",
+                           "--allow-registration", "--ingress-http-url", f"http://localhost:{sport}",
+                           "--api-port", str(sport), "--ingress-http-port", str(sport),
+                           "--listen-address", "127.0.0.1", "--log-level", args.log_level], "exposrd")
+        wait_port(sport)
+        _, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
+                               "-s", f"http://127.0.0.1:{sport}/", "tunnel", "connect", TUNNEL,
+                               f"http://127.0.0.1:{tport}"], "exposr")
+        wait_file(client_log, rb"Ingress HTTP")
+        host = f"{TUNNEL}.localhost:{sport}"
+        direct_url, tunnel_url = f"http://127.0.0.1:{tport}/", f"http://127.0.0.1:{sport}/"
+        # warm up both paths
+        wrk(direct_url, 10, 1)
+        wrk(tunnel_url, 10, 1, host)
+
+        rows = []
+        for c in conns:
+            d = wrk(direct_url, c, args.duration)
+            spy = None
+            if args.profile and c == conns[-1]:
+                spy = subprocess.Popen(["py-spy", "record", "-o", args.profile, "-p", str(server.pid),
+                                        "-d", str(args.duration), "-r", "200", "--nonblocking"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            t = wrk(tunnel_url, c, args.duration, host)
+            if spy is not None:
+                spy.wait()
+            rows.append((c, d, t))
+        d_mb = download(direct_url + "big")
+        t_mb = download(tunnel_url + "big", host)
+
+        print(f"{'':14}{'direct':>22}{'tunnel':>22}{'ratio':>9}")
+        for c, d, t in rows:
+            print(f"{c:>3} conns req/s{d['rps']:>20.0f}{t['rps']:>22.0f}{t['rps'] / d['rps']:>9.2f}")
+            print(f"{'':10}p50 ms{d['p50']:>20.2f}{t['p50']:>22.2f}{t['p50'] / d['p50']:>9.2f}")
+            print(f"{'':10}p99 ms{d['p99']:>20.2f}{t['p99']:>22.2f}{t['p99'] / d['p99']:>9.2f}")
+            if d["non2xx"] or t["non2xx"]:
+                print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
+        print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}")
+        rss = 0
+        with open(f"/proc/{server.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) // 1024
+        print(f"exposrd peak RSS: {rss} MB; logs in {tmp}")
+        if args.profile:
+            print(f"profile: {args.profile}")
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
