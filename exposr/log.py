@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import threading
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -54,7 +55,12 @@ def set_level(name):
     _predicate.setLogLevelForNamespace(None, LEVELS.get(name, LogLevel.info))
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def _jsonable(value):
+    if type(value) in _PLAIN:
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError):
@@ -89,8 +95,11 @@ def event_as_record(event, host=socket.gethostname(), pid=os.getpid()):
 
 
 class JSONLineObserver:
+    """Writes records as JSON lines; flushes once per reactor turn, not per line."""
+
     def __init__(self, out):
         self._out = out
+        self._flush_pending = False
 
     def __call__(self, event):
         if _off:
@@ -100,7 +109,25 @@ class JSONLineObserver:
         except Exception as e:  # never let logging break the server
             line = json.dumps({"level": "ERROR", "data": {"message": f"unloggable event: {e!r}"}})
         self._out.write(line + "\n")
-        self._out.flush()
+        self._schedule_flush()
+
+    def _schedule_flush(self):
+        if self._flush_pending:
+            return
+        from twisted.internet import reactor
+
+        if getattr(reactor, "running", False) and threading.current_thread() is threading.main_thread():
+            self._flush_pending = True
+            reactor.callLater(0, self._flush)
+        else:
+            self._out.flush()
+
+    def _flush(self):
+        self._flush_pending = False
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def observer(out=None):

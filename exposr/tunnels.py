@@ -99,6 +99,7 @@ class TunnelService:
         self.clock = clock
         self.altnames = altnames if altnames is not None else NoAltNames()
         self.sni_url_for = sni_url_for
+        self._observers = []
         self.registry = None
         self._randbytes = randbytes
         accounts.tunnels = self
@@ -182,7 +183,19 @@ class TunnelService:
             written = yield self.storage.update(NS, tunnel_id, apply)
         except NotFound:
             raise TunnelNotFound()
+        self._changed(tunnel_id)
         return model.read_tunnel(written)
+
+    def on_change(self, callback):
+        """``callback(tunnel_id)`` after this node updated or deleted a tunnel record."""
+        self._observers.append(callback)
+
+    def _changed(self, tunnel_id):
+        for callback in list(self._observers):
+            try:
+                callback(tunnel_id)
+            except Exception:
+                log.failure("tunnel change observer failed")
 
     def update_config(self, tunnel_id, account_id, changes):
         """
@@ -274,6 +287,7 @@ class TunnelService:
             log.error("Could not release alt names of {tunnel_id}: {error}", tunnel_id=tunnel_id,
                 error=model.describe_error())
         deleted = yield self.storage.delete(NS, tunnel_id)
+        self._changed(tunnel_id)
         if update_account and record.get("account"):
             try:
                 yield self.accounts.remove_tunnel(record["account"], tunnel_id)

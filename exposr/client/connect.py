@@ -213,8 +213,15 @@ class _Carrier:
         pass
 
 
+CARRIER_BUFFER = 512 * 1024
+
+
 class TunnelWebSocket(WebSocketClientProtocol):
     """One transport connection: ws-multiplex acceptor + keep-alive."""
+
+    def dataReceived(self, data):
+        # skip autobahn's per-read debug formatting (hot path)
+        self._dataReceived(data)
 
     def __init__(self, connector):
         super().__init__()
@@ -241,6 +248,9 @@ class TunnelWebSocket(WebSocketClientProtocol):
         self.mux.on_incoming = self._incoming
         self.mux.on_teardown = self._teardown
         self.mux.on_warning = lambda text: log.warn("{text}", text=text)
+        # Twisted's default 64 KiB write buffer pauses every target for each
+        # large message; a deeper buffer keeps downloads streaming
+        self.transport.bufferSize = CARRIER_BUFFER
         self.transport.registerProducer(_Carrier(self), True)
         self._keepalive = multiplex.KeepAlive(self.clock.seconds())
         self._pinger = task.LoopingCall(self._ping)
@@ -352,14 +362,15 @@ class _Slot:
     def _down(self, code):
         self.ws = None
         if self.connector.stopping:
-            return
+            return code
         if code == CLOSE_REFUSED:
             log.warn("connection {n} refused by the server (1008), not retrying", n=self.index + 1)
             self.done = True
             self.connector._slot_done()
-            return
+            return code
         log.warn("connection {n} lost ({code}), reconnecting", n=self.index + 1, code=code)
         self._retry()
+        return code
 
     def _retry(self):
         self.timer = self.connector.clock.callLater(self.delay, self.connect)

@@ -26,6 +26,8 @@ log = Logger(namespace="exposr.ingress.http")
 access_log = Logger(namespace="exposr.ingress.http.access")
 
 HEAD_TIMEOUT = 30.0
+RECORD_TTL = 2.0  # seconds a tunnel record is reused by the ingress
+RECORD_CACHE_MAX = 10000
 CLIENT_BUFFER = 256 * 1024  # bytes buffered towards a public client before the stream is paused  # a request head must be complete this long after the previous one ended
 
 _REASONS = {
@@ -219,10 +221,14 @@ class HTTPIngress:
         self.rewriter = forwarding.Rewriter(node_id)
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
+        self._records = {}
         if hasattr(registry, "on_change"):
             registry.on_change(self._connection_changed)
+        if hasattr(tunnels, "on_change"):
+            tunnels.on_change(self.forget)
 
     def _connection_changed(self, tunnel_id):
+        self.forget(tunnel_id)
         # drop pooled streams of a tunnel that lost its last connection (H7)
         if not self.registry.is_connected(tunnel_id):
             pool = self.pools.pop(tunnel_id, None)
@@ -247,11 +253,33 @@ class HTTPIngress:
         return pool
 
     def check(self, tunnel_id, head, upgrade=False):
-        """A Deferred of the tunnel record if the request may go through, else IngressError (8.3)."""
+        """A Deferred of the tunnel record if the request may go through, else IngressError (8.3).
+
+        Records are cached for `RECORD_TTL` seconds: a keep-alive client must
+        not cost a storage round trip (a database query with PostgreSQL or
+        Redis) per request. This node's own updates and connection changes
+        invalidate at once; another node's updates show within the TTL.
+        """
+        cached = self._records.get(tunnel_id)
+        if cached is not None and cached[0] > self.clock.seconds():
+            try:
+                return defer.succeed(self._verdict(cached[1], tunnel_id, head, upgrade))
+            except IngressError as e:
+                return defer.fail(e)
         d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
-        d.addErrback(self._lookup_failed, tunnel_id)
+        d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
         d.addCallback(self._verdict, tunnel_id, head, upgrade)
         return d
+
+    def _remember(self, tunnel, tunnel_id):
+        if tunnel is not None:
+            if len(self._records) >= RECORD_CACHE_MAX:
+                self._records.clear()
+            self._records[tunnel_id] = (self.clock.seconds() + RECORD_TTL, tunnel)
+        return tunnel
+
+    def forget(self, tunnel_id):
+        self._records.pop(tunnel_id, None)
 
     def _lookup_failed(self, failure, tunnel_id):
         log.warn("tunnel {tunnel}: lookup failed: {err}", tunnel=tunnel_id, err=failure.getErrorMessage())

@@ -85,6 +85,12 @@ class TunnelWebSocket(WebSocketServerProtocol):
         # autobahn's connectionMade overwrote ``peer`` with "tcp4:host:port";
         # the registry wants the client's IP address (ITunnelConnection.peer)
         self.peer = self._peer_ip
+        # autobahn tries TCP_NODELAY before its options are set and fails
+        # silently: small PAUSE/RESUME/OPEN frames then wait for delayed ACKs
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
         clock = self.service.clock
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
