@@ -13,7 +13,7 @@ import json
 import re
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -231,6 +231,41 @@ class BaseStorage(service.Service):
     """
 
     name = "storage"
+    _cleanup = None
+    _cleanup_d = None
+
+    # -- expiry cleanup (storage.md 10.4/10.5: at start-up and every 5 minutes)
+
+    def _start_cleanup(self, clock, interval):
+        """Run `_delete_expired` every ``interval`` s; a failure never stops the loop."""
+        self._cleanup = task.LoopingCall(self._cleanup_tick)
+        self._cleanup.clock = clock
+        self._cleanup.start(interval, now=False)
+
+    def _cleanup_tick(self):
+        if self._cleanup_d is not None:  # never two at once
+            return None
+        d = self._delete_expired()
+        d.addErrback(lambda f: log.warn("{backend} expiry cleanup failed: {reason}",
+                                        backend=type(self).__name__, reason=one_line(f.value)))
+        self._cleanup_d = d
+
+        def done(_):
+            self._cleanup_d = None
+
+        d.addBoth(done)
+        return None
+
+    @defer.inlineCallbacks
+    def _stop_cleanup(self):
+        if self._cleanup is not None and self._cleanup.running:
+            self._cleanup.stop()
+        self._cleanup = None
+        if self._cleanup_d is not None:
+            try:
+                yield self._cleanup_d
+            except Exception:
+                pass
 
     def stopService(self):
         service.Service.stopService(self)

@@ -394,38 +394,16 @@ class PostgresStorage(BaseStorage):
             pool.close()
             self._pool = None
             raise
-        self._cleanup = task.LoopingCall(self._cleanup_tick)
-        self._cleanup.clock = self._clock
-        self._cleanup.start(CLEANUP_INTERVAL, now=False)
+        self._start_cleanup(self._clock, CLEANUP_INTERVAL)
         return self
 
     @defer.inlineCallbacks
     def close(self):
-        if self._cleanup is not None and self._cleanup.running:
-            self._cleanup.stop()
-        self._cleanup = None
-        if self._cleanup_d is not None:
-            try:
-                yield self._cleanup_d
-            except Exception:
-                pass
+        yield self._stop_cleanup()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
         self._tables.clear()
-
-    def _cleanup_tick(self):
-        if self._cleanup_d is not None:
-            return None
-        d = self._delete_expired()
-        d.addErrback(lambda f: log.warn("PostgreSQL expiry cleanup failed: {reason}", reason=_reason(f)))
-        self._cleanup_d = d
-
-        def done(_):
-            self._cleanup_d = None
-
-        d.addBoth(done)
-        return None
 
     @defer.inlineCallbacks
     def _delete_expired(self):

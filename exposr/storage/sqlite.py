@@ -14,7 +14,7 @@ invisible to reads and are deleted at open and every 5 minutes.
 import os
 import sqlite3
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -145,24 +145,8 @@ class SqliteStorage(BaseStorage):
             if isinstance(e, StorageUnavailable):
                 raise
             raise StorageUnavailable("SQLite %s: %s" % (self.path, one_line(e)))
-        self._cleanup = task.LoopingCall(self._cleanup_tick)
-        self._cleanup.clock = self._clock
-        self._cleanup.start(CLEANUP_INTERVAL, now=False)
+        self._start_cleanup(self._clock, CLEANUP_INTERVAL)
         return self
-
-    def _cleanup_tick(self):
-        # never let a failure stop the loop; never run two at once
-        if self._cleanup_d is not None:
-            return None
-        d = self._delete_expired()
-        d.addErrback(lambda f: log.failure("SQLite expiry cleanup failed", f))
-        self._cleanup_d = d
-
-        def done(_):
-            self._cleanup_d = None
-
-        d.addBoth(done)
-        return None
 
     def _delete_expired(self):
         now = _now(self._clock)
@@ -180,14 +164,7 @@ class SqliteStorage(BaseStorage):
 
     @defer.inlineCallbacks
     def close(self):
-        if self._cleanup is not None and self._cleanup.running:
-            self._cleanup.stop()
-        self._cleanup = None
-        if self._cleanup_d is not None:
-            try:
-                yield self._cleanup_d
-            except Exception:
-                pass
+        yield self._stop_cleanup()
         yield self._stop_pool()
 
     @defer.inlineCallbacks
