@@ -29,6 +29,7 @@ TUNNEL_NS = "tunnel"
 # names of one update being checked in parallel.
 DNS_TIMEOUT = (1, 3)
 CACHE_TTL = 5.0
+MISS_TTL = 1.0  # seconds an unregistered host is remembered
 CACHE_MAX = 10000
 
 _HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*$")
@@ -292,7 +293,10 @@ class AltNames:
             self._cache = {h: e for h, e in self._cache.items() if e[1] > now}
             if len(self._cache) >= self.cache_max:
                 self._cache.clear()
-        self._cache[host] = (tunnel_id, now + self.cache_ttl)
+        # a miss is kept shorter: a name registered through another node
+        # must start routing here soon
+        ttl = self.cache_ttl if tunnel_id is not None else min(self.cache_ttl, MISS_TTL)
+        self._cache[host] = (tunnel_id, now + ttl)
 
     def _invalidate(self, names):
         self._epoch += 1
