@@ -195,7 +195,15 @@ def wrk(url, connections, duration, host=None):
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "non2xx": int(errors.group(1)) if errors else 0}
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "requests": total, "p50": ms("50"), "p99": ms("99"), "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds used so far by a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def download(url, host=None):
@@ -218,7 +226,9 @@ def main():
     ap.add_argument("--log-level", default="info", help="exposrd --log-level (default info)")
     ap.add_argument("--target", choices=["raw", "web"], default="raw",
                     help="raw: a Twisted protocol answering fixed bytes (default); web: a twisted.web Site")
-    ap.add_argument("--profile", help="py-spy flame graph (svg) of exposrd during the last tunnel wrk run")
+    ap.add_argument("--profile", help="py-spy record of exposrd during the last tunnel wrk run "
+                    "(flame graph; raw collapsed stacks when the name ends in .txt)")
+    ap.add_argument("--no-download", action="store_true", help="skip the 100 MB download")
     args = ap.parse_args()
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
@@ -244,7 +254,7 @@ def main():
                            "--api-port", str(sport), "--ingress-http-port", str(sport),
                            "--listen-address", "127.0.0.1", "--log-level", args.log_level], "exposrd")
         wait_port(sport)
-        _, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
+        client, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
                                "-s", f"http://127.0.0.1:{sport}/", "tunnel", "connect", TUNNEL,
                                f"http://127.0.0.1:{tport}"], "exposr")
         wait_file(client_log, rb"Ingress HTTP")
@@ -259,24 +269,32 @@ def main():
             d = wrk(direct_url, c, args.duration)
             spy = None
             if args.profile and c == conns[-1]:
-                spy = subprocess.Popen(["py-spy", "record", "-o", args.profile, "-p", str(server.pid),
+                raw = ["-f", "raw"] if args.profile.endswith(".txt") else []
+                spy = subprocess.Popen(["py-spy", "record", "-o", args.profile, "-p", str(server.pid), *raw,
                                         "-d", str(args.duration), "-r", "200", "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
             t = wrk(tunnel_url, c, args.duration, host)
+            cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
+            t["server_us"] = (cpu1[0] - cpu0[0]) * 1e6 / max(1, t["requests"])
+            t["client_us"] = (cpu1[1] - cpu0[1]) * 1e6 / max(1, t["requests"])
             if spy is not None:
                 spy.wait()
             rows.append((c, d, t))
-        d_mb = download(direct_url + "big")
-        t_mb = download(tunnel_url + "big", host)
+        if not args.no_download:
+            d_mb = download(direct_url + "big")
+            t_mb = download(tunnel_url + "big", host)
 
         print(f"{'':14}{'direct':>22}{'tunnel':>22}{'ratio':>9}")
         for c, d, t in rows:
             print(f"{c:>3} conns req/s{d['rps']:>20.0f}{t['rps']:>22.0f}{t['rps'] / d['rps']:>9.2f}")
             print(f"{'':10}p50 ms{d['p50']:>20.2f}{t['p50']:>22.2f}{t['p50'] / d['p50']:>9.2f}")
             print(f"{'':10}p99 ms{d['p99']:>20.2f}{t['p99']:>22.2f}{t['p99'] / d['p99']:>9.2f}")
+            print(f"{'':4}CPU us/req  exposrd{t['server_us']:>8.1f}  exposr{t['client_us']:>8.1f}")
             if d["non2xx"] or t["non2xx"]:
                 print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
-        print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}")
+        if not args.no_download:
+            print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}")
         rss = 0
         with open(f"/proc/{server.pid}/status") as f:
             for line in f:

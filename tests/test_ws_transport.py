@@ -90,3 +90,119 @@ class CloseTests(_Base):
         yield e2e.wait_until(lambda: not self.server.service.registry.is_connected(TID))
         # opening a stream on the dead connection fails cleanly
         yield self.assertFailure(conn.open_stream(None), Exception)
+
+
+class FastReceivePathTests(unittest.TestCase):
+    """The server's own frame receive path must behave exactly as autobahn's.
+
+    Random streams of masked binary frames, pings, pongs, fragmented
+    messages and text frames, cut at random points, are fed once through
+    `TunnelWebSocket.dataReceived` (fast path) and once through autobahn's
+    own `_dataReceived`; messages, pongs, bytes written and state must match.
+    """
+
+    def _make(self, fast):
+        from twisted.internet.testing import StringTransport
+
+        from exposr.transport import ws as wsmod
+
+        class Mux:
+            def __init__(self):
+                self.got = []
+
+            def receive(self, message):
+                self.got.append((bytes(message), True))
+
+        class Service:
+            node_id = "n"
+            clock = None
+            registry = None
+
+        transport = wsmod.WSTransport(None, None, "n", clock=object())
+        p = wsmod.TunnelWebSocket(Service(), "t", "a", "1.2.3.4")
+        p.factory = transport.factory
+        p.makeConnection(StringTransport())
+        p.state = p.STATE_OPEN
+        p.inside_message = False
+        p.current_frame = None
+        p.websocket_version = 13
+        p._perMessageCompress = None
+        p.mux = Mux()
+        p.pongs = []
+        p.onPong = p.pongs.append
+        p.onMessage = lambda payload, isBinary: p.mux.got.append((bytes(payload), isBinary))
+        if not fast:
+            p.dataReceived = p._dataReceived
+        return p
+
+    @staticmethod
+    def _frame(rnd, opcode, payload, fin=True, masked=True):
+        import struct
+
+        b0 = (0x80 if fin else 0) | opcode
+        n = len(payload)
+        bit = 0x80 if masked else 0
+        if n < 126:
+            head = bytes((b0, bit | n))
+        elif n < 65536:
+            head = struct.pack("!BBH", b0, bit | 126, n)
+        else:
+            head = struct.pack("!BBQ", b0, bit | 127, n)
+        if not masked:
+            return head + payload
+        mask = rnd.randbytes(4)
+        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def _feed_both(self, pieces):
+        from twisted.internet import reactor
+
+        before = set(reactor.getDelayedCalls())
+        # autobahn arms its own handshake/close timers on the global reactor
+        self.addCleanup(lambda: [c.cancel() for c in reactor.getDelayedCalls() if c not in before and c.active()])
+        out = []
+        for fast in (True, False):
+            p = self._make(fast)
+            for piece in pieces:
+                p.dataReceived(piece)
+            out.append((p.mux.got, p.pongs, p.transport.value(), p.state))
+        return out
+
+    def test_random_streams_match_autobahn(self):
+        import random
+
+        rnd = random.Random(1)
+        sizes = [0, 1, 5, 16, 100, 125, 126, 127, 1000, 1024, 1025, 5000, 65535, 65536, 70000]
+        for trial in range(120):
+            frames = []
+            for _ in range(rnd.randint(1, 10)):
+                r = rnd.random()
+                payload = rnd.randbytes(rnd.choice(sizes))
+                if r < 0.7:
+                    frames.append(self._frame(rnd, 2, payload))
+                elif r < 0.8:
+                    frames.append(self._frame(rnd, 9, payload[:50]))
+                elif r < 0.85:
+                    frames.append(self._frame(rnd, 10, payload[:50]))
+                elif r < 0.95:
+                    a = rnd.randint(0, len(payload))
+                    frames.append(self._frame(rnd, 2, payload[:a], fin=False)
+                                  + self._frame(rnd, 9, b"x") + self._frame(rnd, 0, payload[a:]))
+                else:
+                    frames.append(self._frame(rnd, 1, b"text"))
+            stream = b"".join(frames)
+            cuts = sorted(rnd.sample(range(1, len(stream)), min(len(stream) - 1, rnd.randint(0, 8))))
+            pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+            fast, slow = self._feed_both(pieces)
+            self.assertEqual(fast, slow, f"stream {trial} differs")
+
+    def test_protocol_violations_match_autobahn(self):
+        import random
+
+        rnd = random.Random(2)
+        for bad in (
+            self._frame(rnd, 2, b"abc", masked=False),
+            bytes((0xC2, 0x81)) + b"\0\0\0\0x",
+            self._frame(rnd, 2, b"x" * 10) + self._frame(rnd, 2, b"y", masked=False),
+        ):
+            fast, slow = self._feed_both([bad])
+            self.assertEqual(fast, slow)

@@ -112,25 +112,67 @@ class Rewriter:
         self.node_id = node_id
         self._node = node_id.encode()
         self._targets = {}
+        self._plans = {}
 
-    def rewrite(self, head, ip, base, target_url, local=True):
+    def rewrite(self, head, ip, base, target_url, local=True, upgrade=None):
         """Mutate ``head`` as 8.4 says; `base` from `base_url`; ``target_url`` str or None.
 
         One pass to read, one pass to write (this runs for every request):
         each replaced header takes the position of its first occurrence,
         under its lower-case name; new ones are appended in a fixed order.
+        ``upgrade``: ``head.is_upgrade`` if the caller knows it.
+
+        The new values depend on a few inputs only (address, base URL,
+        target, and the Host/Referer/Origin/exposr-via values): they are
+        memoised per combination, a keep-alive client repeats them.
         """
         headers = head.headers
-        seen = {}
+        host = referer = origin = via = None
         for name, value in headers:
             lname = name.lower()
             if lname in _READ:
-                if lname in seen:
-                    seen[lname] += b", " + value
+                if lname == b"host":
+                    host = value if host is None else host + b", " + value
+                elif lname == b"referer":
+                    referer = value if referer is None else referer + b", " + value
+                elif lname == b"origin":
+                    origin = value if origin is None else origin + b", " + value
                 else:
-                    seen[lname] = value
+                    via = value if via is None else via + b", " + value
+        if upgrade is None:
+            upgrade = head.is_upgrade
+        key = (ip, base, target_url, local, upgrade, host, referer, origin, via)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(ip, base, target_url, local, upgrade, host, referer, origin, via)
+            if len(self._plans) >= PLAN_CACHE_MAX:
+                self._plans.clear()
+            self._plans[key] = plan
+        new, drop, tail = plan
+        out = []
+        placed = None
+        for pair in headers:
+            lname = pair[0].lower()
+            if lname in new:
+                if placed is None:
+                    placed = {lname}
+                elif lname in placed:
+                    continue
+                else:
+                    placed.add(lname)
+                out.append((lname, new[lname]))
+            elif lname != drop:
+                out.append(pair)
+        if placed is None:
+            out += tail
+        else:
+            out += [pair for pair in tail if pair[0] not in placed]
+        headers[:] = out
+        return head
+
+    def _plan(self, ip, base, target_url, local, upgrade, host, referer, origin, via):
+        """(new values by name, the name to drop, new values in append order)."""
         ipb = ip.encode()
-        via = seen.get(b"exposr-via")
         new = {
             b"x-forwarded-for": ipb,
             b"x-real-ip": ipb,
@@ -138,11 +180,11 @@ class Rewriter:
         }
         drop = None
         if local:
-            if not head.is_upgrade:
+            if not upgrade:
                 drop = b"connection"
             if base is not None:
-                scheme, host, port = base
-                hostport = host if port is None else f"{host}:{port}"
+                scheme, bhost, port = base
+                hostport = bhost if port is None else f"{bhost}:{port}"
                 new[b"x-forwarded-host"] = hostport.encode("latin-1")
                 if port is not None:
                     new[b"x-forwarded-port"] = str(port).encode()
@@ -151,27 +193,13 @@ class Rewriter:
                 new[b"forwarded"] = f"by=_exposr;for={ip_part};host={hostport};proto={scheme}".encode("latin-1")
             target = self._target(target_url)
             if target is not None:
-                original = (seen.get(b"host") or b"").decode("latin-1").lower()
-                for name in (b"host", b"referer", b"origin"):
-                    value = seen.get(name)
+                original = (host or b"").decode("latin-1").lower()
+                for name, value in ((b"host", host), (b"referer", referer), (b"origin", origin)):
                     if value is not None:
                         rewritten = _rewrite_toward_target(value, original, target)
                         if _safe(rewritten):
                             new[name] = rewritten
-        out = []
-        placed = set()
-        for pair in headers:
-            lname = pair[0].lower()
-            if lname in new:
-                if lname not in placed:
-                    out.append((lname, new[lname]))
-                    placed.add(lname)
-            elif lname != drop:
-                out.append(pair)
-        if len(placed) < len(new):
-            out += [(n, v) for n, v in new.items() if n not in placed]
-        headers[:] = out
-        return head
+        return new, drop, list(new.items())
 
     def _target(self, target_url):
         """The parsed target URL when the target rewrite applies (http/https), else None."""
@@ -194,6 +222,7 @@ class Rewriter:
         return target
 
 
+PLAN_CACHE_MAX = 4096
 _READ = frozenset((b"exposr-via", b"host", b"referer", b"origin"))
 
 

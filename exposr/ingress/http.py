@@ -13,17 +13,19 @@ transport carries a stream.
 import json
 import time
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exposr import errors
+from exposr.log import AccessLog
 from exposr.ingress import forwarding, httphead
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
 log = Logger(namespace="exposr.ingress.http")
-access_log = Logger(namespace="exposr.ingress.http.access")
+access_log = AccessLog("exposr.ingress.http.access")
 
 HEAD_TIMEOUT = 30.0
 RECORD_TTL = 2.0  # seconds a tunnel record is reused by the ingress
@@ -91,6 +93,7 @@ class Upstream(protocol.Protocol):
         self.session = None
         self.used = 0
         self.idle_timer = None
+        self.idle_since = None  # set while the stream waits in its pool
         self.lost = False
 
     def dataReceived(self, data):
@@ -148,12 +151,16 @@ class UpstreamPool:
         self.factory = _UpstreamFactory(self)
 
     def take_idle(self):
-        """An idle stream to reuse, or None."""
-        while self.idle:
-            up = self.idle.pop()
-            if up.idle_timer is not None and up.idle_timer.active():
-                up.idle_timer.cancel()
-            up.idle_timer = None
+        """An idle stream to reuse, or None.
+
+        Its idle timer is left running (cancelling and re-creating a
+        DelayedCall per request costs more than a timer that fires, sees
+        the stream busy and goes away).
+        """
+        idle = self.idle
+        while idle:
+            up = idle.pop()
+            up.idle_since = None
             if not up.lost:
                 return up
         return None
@@ -177,19 +184,32 @@ class UpstreamPool:
         if up.lost:
             return
         up.session = None
-        up.idle_timer = self.ingress.clock.callLater(self.ingress.idle_timeout, self._expire, up)
+        ingress = self.ingress
+        up.idle_since = ingress.clock.seconds()
+        if up.idle_timer is None:
+            up.idle_timer = ingress.clock.callLater(ingress.idle_timeout, self._expire, up)
         self.idle.append(up)
 
     def _expire(self, up):
         up.idle_timer = None
+        if up.idle_since is None or up.lost:
+            return  # in use (or gone): release() arms a new timer
+        left = up.idle_since + self.ingress.idle_timeout - self.ingress.clock.seconds()
+        if left > 0:
+            up.idle_timer = self.ingress.clock.callLater(left, self._expire, up)
+            return
         self.forget(up)
         up.transport.loseConnection()
 
     def forget(self, up):
-        if up in self.idle:
-            self.idle.remove(up)
-            if up.idle_timer is not None and up.idle_timer.active():
+        if up.idle_timer is not None:
+            if up.idle_timer.active():
                 up.idle_timer.cancel()
+            up.idle_timer = None
+        if up.idle_since is not None:
+            up.idle_since = None
+            if up in self.idle:
+                self.idle.remove(up)
         if not self.idle:
             self.ingress.pools.pop(self.tunnel_id, None) if self.ingress.pools.get(self.tunnel_id) is self else None
 
@@ -222,6 +242,8 @@ class HTTPIngress:
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
         self._records = {}
+        self._trusted_info = {}
+        self._untrusted_info = {}
         if hasattr(registry, "on_change"):
             registry.on_change(self._connection_changed)
         if hasattr(tunnels, "on_change"):
@@ -270,6 +292,43 @@ class HTTPIngress:
         d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
         d.addCallback(self._verdict, tunnel_id, head, upgrade)
         return d
+
+    def cached(self, tunnel_id):
+        """The cached record of a tunnel (see `check`), or None."""
+        cached = self._records.get(tunnel_id)
+        if cached is not None and cached[0] > self.clock.seconds():
+            return cached[1]
+        return None
+
+    def lookup(self, tunnel_id):
+        """A Deferred of the tunnel record (None if absent or on storage trouble), cached."""
+        d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
+        d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
+        return d
+
+    def route_info(self, head, peer_ip, trusted):
+        """(host for `claim`, client address, base URL) of a request head.
+
+        The client address is None for an untrusted peer (it is the peer's
+        own). All three depend on the peer and a few headers only: memoised,
+        a keep-alive client (or a load balancer) repeats them.
+        """
+        if trusted:
+            cache = self._trusted_info
+            key = (peer_ip, *[(lname, v) for n, v in head.headers if (lname := n.lower()) in _ROUTE_NAMES])
+        else:
+            cache = self._untrusted_info
+            key = tuple([v for n, v in head.headers if n.lower() == b"host"])
+        info = cache.get(key)
+        if info is None:
+            if len(cache) >= RECORD_CACHE_MAX:
+                cache.clear()
+            if trusted:
+                ip = forwarding.client_ip(peer_ip, head, self.trusted, True)
+            else:
+                ip = None
+            info = cache[key] = (httphead.host_of(head), ip, forwarding.base_url(head, trusted))
+        return info
 
     def _remember(self, tunnel, tunnel_id):
         if tunnel is not None:
@@ -338,6 +397,9 @@ class _ReasonProducer:
         pass
 
 
+# the headers `forwarding.client_ip` and `forwarding.base_url` read from a trusted peer
+_ROUTE_NAMES = frozenset((b"host", b"forwarded", b"x-forwarded-proto", b"x-scheme", b"x-forwarded-port", b"x-forwarded-for"))
+
 IDLE, ROUTING, FORWARD, AWAIT, TUNNEL, CLOSED = range(6)
 
 
@@ -352,6 +414,7 @@ class IngressSession(protocol.Protocol):
         self.up = None
         self.request = None
         self.timer = None
+        self.deadline = None  # when the head timer expires; None while a request runs
         self.close_after = False
         self.response_started = False
 
@@ -364,16 +427,34 @@ class IngressSession(protocol.Protocol):
         self.upstream_reader = _ReasonProducer(self.gate, "upstream")
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
         self.peer_trusted = forwarding.is_trusted(self.peer_ip, self.ingress.trusted)
+        # the client address of an untrusted peer is its socket address
+        self.peer_client_ip = None if self.peer_trusted else forwarding.client_ip(self.peer_ip, None, (), False)
         self._arm_timer()
 
     def _arm_timer(self):
-        self._cancel_timer()
-        self.timer = self.ingress.clock.callLater(self.ingress.head_timeout, self._head_timeout)
+        # one timer per connection, moved lazily: a DelayedCall created and
+        # cancelled per request costs more than one that fires and re-arms
+        clock = self.ingress.clock
+        self.deadline = clock.seconds() + self.ingress.head_timeout
+        if self.timer is None:
+            self.timer = clock.callLater(self.ingress.head_timeout, self._head_timer)
 
     def _cancel_timer(self):
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.deadline = None
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _head_timer(self):
         self.timer = None
+        if self.deadline is None or self.state == CLOSED:
+            return  # a request is running: the next _arm_timer re-arms
+        left = self.deadline - self.ingress.clock.seconds()
+        if left > 0:
+            self.timer = self.ingress.clock.callLater(left, self._head_timer)
+            return
+        self._head_timeout()
 
     def _head_timeout(self):
         self.timer = None
@@ -426,47 +507,65 @@ class IngressSession(protocol.Protocol):
     # -- a request -------------------------------------------------------------
 
     def _start_request(self, head):
-        self._cancel_timer()
+        self.deadline = None  # the head timer waits while the request runs
         self.state = ROUTING
         self.request = head
         self.started = time.monotonic()
         self.status = None
         self.sent = 0
         self.response_started = False
-        self.upgrade = head.is_upgrade or head.method == b"CONNECT"
-        host = httphead.host_of(head)
-        # one short Deferred chain, no inlineCallbacks: with a memory storage
-        # and a pooled stream the whole routing runs synchronously, per request
-        d = defer.maybeDeferred(self.ingress.claim, host)
-        d.addCallback(self._claimed, head)
-        d.addCallback(self._checked, head)
-        d.addErrback(self._route_failed)
+        self.upgrade = head.method == b"CONNECT" or head.is_upgrade
+        ingress = self.ingress
+        # Synchronous when it can be (a cached tunnel record and an idle
+        # pooled stream: the common keep-alive case): no Deferred at all.
+        # Storage, alt-name lookups and new streams chain Deferreds.
+        try:
+            host, self.route_ip, self.base = ingress.route_info(head, self.peer_ip, self.peer_trusted)
+            tunnel_id = ingress.claim(host)
+            if isinstance(tunnel_id, defer.Deferred):
+                d = tunnel_id.addCallback(self._claimed)
+            else:
+                d = self._claimed(tunnel_id)
+            if isinstance(d, defer.Deferred):
+                d.addCallback(self._checked, head)
+            else:
+                d = self._checked(d, head)
+            if d is not None:
+                d.addErrback(self._route_failed)
+        except Exception:
+            self._route_failed(Failure())
         if self.state == ROUTING and self.request is head:
             # waiting for storage or a stream: stop reading meanwhile
             self.gate.hold("routing")
 
-    def _claimed(self, tunnel_id, head):
+    def _claimed(self, tunnel_id):
+        """The record of the claimed tunnel, or a Deferred of it."""
         if tunnel_id is None:
             raise IngressError(421, "MISDIRECTED_REQUEST")
         self.tunnel_id = tunnel_id
-        d = defer.maybeDeferred(self.ingress.tunnels.get, tunnel_id)
-        d.addErrback(self.ingress._lookup_failed, tunnel_id)
-        return d
+        tunnel = self.ingress.cached(tunnel_id)
+        if tunnel is None:
+            return self.ingress.lookup(tunnel_id)
+        return tunnel
 
     def _checked(self, tunnel, head):
+        """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
         ingress = self.ingress
         tunnel_id = self.tunnel_id
         ingress._verdict(tunnel, tunnel_id, head, self.upgrade)
-        self.client_ip = forwarding.client_ip(self.peer_ip, head, ingress.trusted, self.peer_trusted)
-        base = forwarding.base_url(head, self.peer_trusted)
-        ingress.rewriter.rewrite(head, self.client_ip, base, (tunnel.get("target") or {}).get("url"))
+        ip = self.route_ip
+        if ip is None:
+            ip = self.peer_client_ip
+        self.client_ip = ip
+        # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
+        upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
+        ingress.rewriter.rewrite(head, ip, self.base, (tunnel.get("target") or {}).get("url"), upgrade=upgrade)
         pool = ingress.pool(tunnel_id)
         if not self.upgrade:
             up = pool.take_idle()
             if up is not None:
                 self._acquired((up, True), head)
                 return None
-            return pool.open().addCallback(self._opened, head)
         return pool.open().addCallback(self._opened, head)
 
     def _opened(self, up, head):
@@ -536,22 +635,52 @@ class IngressSession(protocol.Protocol):
     def response_events(self, up, events):
         if up is not self.up:
             return
-        write = self.transport.write
+        out = []
+        done = False
         for ev in events:
             t = type(ev)
             if t is Body or t is Raw:
                 self.sent += len(ev.data)
-                write(ev.data)
+                out.append(ev.data)
             elif t is Head:
                 head = ev.head
-                write(head.raw)
+                out.append(head.raw)
                 self.response_started = True
                 if not head.is_interim:
                     self.status = head.status
                     self.response_keep_alive = head.keep_alive
             elif t is End:
-                self._response_done()
-                return
+                done = True
+                break
+        if out:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+        if done:
+            self._response_done()
+
+    def _write(self, data):
+        """``transport.write``, but sent at once when nothing is buffered.
+
+        A plain TCP transport buffers every write until the next reactor turn:
+        two epoll_ctl calls and a write event per response. When its buffer
+        is empty the bytes go to the socket now (the same order, the same
+        bytes); what the socket does not take is buffered as usual.
+        """
+        t = self.transport
+        # (the internals read here are Twisted's own FileDescriptor buffers;
+        # should they ever change, getattr's default takes the buffered path)
+        if (type(t) is not tcp.Server or getattr(t, "_tempDataLen", 1) or t.dataBuffer or not t.connected
+                or t.disconnecting or t._writeDisconnected):
+            t.write(data)
+            return
+        try:
+            sent = t.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # Twisted's own write path reports it
+            t.write(data)
+            return
+        if sent < len(data):
+            t.write(data[sent:])
 
     def _response_done(self):
         up = self.up
@@ -618,22 +747,14 @@ class IngressSession(protocol.Protocol):
         head = self.request
         if head is None:
             return
-        method = head.method.decode("latin-1")
-        path = head.target.decode("latin-1")
-        # the message is pre-rendered (braces escaped): twisted.logger's
-        # format-string rendering is a noticeable part of a request's cost
-        message = f"{method} {path} {self.status}"
-        if "{" in message or "}" in message:
-            message = message.replace("{", "{{").replace("}", "}}")
-        access_log.info(
-            message,
-            method=method,
-            path=path,
-            status=self.status,
-            tunnel=getattr(self, "tunnel_id", None),
-            client=getattr(self, "client_ip", self.peer_ip),
-            bytes=self.sent,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+        access_log(
+            head.method.decode("latin-1"),
+            head.target.decode("latin-1"),
+            self.status,
+            getattr(self, "tunnel_id", None),
+            getattr(self, "client_ip", self.peer_ip),
+            self.sent,
+            round((time.monotonic() - self.started) * 1000, 1),
         )
 
     # -- connection end --------------------------------------------------------
