@@ -12,6 +12,7 @@ and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
 
     .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web]
         [--log-level info] [--profile out.svg]   # py-spy record of exposrd
+        [--profile-client out.txt]               # ... and of the exposr client
 
 ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
 tunnel run at the largest connection count.
@@ -200,10 +201,11 @@ def wrk(url, connections, duration, host=None):
 
 
 def cpu_seconds(pid):
-    """User + system CPU seconds used so far by a process."""
+    """(user, system) CPU seconds used so far by a process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
 
 
 def download(url, host=None):
@@ -228,6 +230,7 @@ def main():
                     help="raw: a Twisted protocol answering fixed bytes (default); web: a twisted.web Site")
     ap.add_argument("--profile", help="py-spy record of exposrd during the last tunnel wrk run "
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
+    ap.add_argument("--profile-client", help="the same for the exposr client")
     ap.add_argument("--no-download", action="store_true", help="skip the 100 MB download")
     args = ap.parse_args()
     for tool in ("wrk", "curl"):
@@ -267,18 +270,22 @@ def main():
         rows = []
         for c in conns:
             d = wrk(direct_url, c, args.duration)
-            spy = None
-            if args.profile and c == conns[-1]:
-                raw = ["-f", "raw"] if args.profile.endswith(".txt") else []
-                spy = subprocess.Popen(["py-spy", "record", "-o", args.profile, "-p", str(server.pid), *raw,
-                                        "-d", str(args.duration), "-r", "200", "--nonblocking"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spies = []
+            for out, proc in ((args.profile, server), (args.profile_client, client)):
+                if out and c == conns[-1]:
+                    raw = ["-f", "raw"] if out.endswith(".txt") else []
+                    spies.append(subprocess.Popen(
+                        ["py-spy", "record", "-o", out, "-p", str(proc.pid), *raw,
+                         "-d", str(args.duration), "-r", "200", "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
             t = wrk(tunnel_url, c, args.duration, host)
             cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
-            t["server_us"] = (cpu1[0] - cpu0[0]) * 1e6 / max(1, t["requests"])
-            t["client_us"] = (cpu1[1] - cpu0[1]) * 1e6 / max(1, t["requests"])
-            if spy is not None:
+            n = max(1, t["requests"])
+            for key, i in (("server", 0), ("client", 1)):
+                usr, sys_ = ((cpu1[i][k] - cpu0[i][k]) * 1e6 / n for k in (0, 1))
+                t[key + "_us"], t[key + "_split"] = usr + sys_, f"({usr:.0f}+{sys_:.0f})"
+            for spy in spies:
                 spy.wait()
             rows.append((c, d, t))
         if not args.no_download:
@@ -290,7 +297,8 @@ def main():
             print(f"{c:>3} conns req/s{d['rps']:>20.0f}{t['rps']:>22.0f}{t['rps'] / d['rps']:>9.2f}")
             print(f"{'':10}p50 ms{d['p50']:>20.2f}{t['p50']:>22.2f}{t['p50'] / d['p50']:>9.2f}")
             print(f"{'':10}p99 ms{d['p99']:>20.2f}{t['p99']:>22.2f}{t['p99'] / d['p99']:>9.2f}")
-            print(f"{'':4}CPU us/req  exposrd{t['server_us']:>8.1f}  exposr{t['client_us']:>8.1f}")
+            print(f"{'':4}CPU us/req  exposrd{t['server_us']:>8.1f} {t['server_split']:<10} "
+                  f"exposr{t['client_us']:>8.1f} {t['client_split']} (user+sys)")
             if d["non2xx"] or t["non2xx"]:
                 print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
         if not args.no_download:
@@ -301,8 +309,9 @@ def main():
                 if line.startswith("VmHWM:"):
                     rss = int(line.split()[1]) // 1024
         print(f"exposrd peak RSS: {rss} MB; logs in {tmp}")
-        if args.profile:
-            print(f"profile: {args.profile}")
+        for out in (args.profile, args.profile_client):
+            if out:
+                print(f"profile: {out}")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

@@ -101,6 +101,8 @@ class FastReceivePathTests(unittest.TestCase):
     own `_dataReceived`; messages, pongs, bytes written and state must match.
     """
 
+    frames_masked = True  # how the peer's frames are (client -> server: masked)
+
     def _make(self, fast):
         from twisted.internet.testing import StringTransport
 
@@ -154,23 +156,29 @@ class FastReceivePathTests(unittest.TestCase):
         return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
     def _feed_both(self, pieces):
+        import random
+
         from twisted.internet import reactor
 
         before = set(reactor.getDelayedCalls())
+        self.addCleanup(random.setstate, random.getstate())  # seeded below
         # autobahn arms its own handshake/close timers on the global reactor
         self.addCleanup(lambda: [c.cancel() for c in reactor.getDelayedCalls() if c not in before and c.active()])
         out = []
         for fast in (True, False):
             p = self._make(fast)
+            random.seed(7)  # masking keys of the client's replies (pongs, closes)
             for piece in pieces:
                 p.dataReceived(piece)
             out.append((p.mux.got, p.pongs, p.transport.value(), p.state))
         return out
 
     def test_random_streams_match_autobahn(self):
+        import functools
         import random
 
         rnd = random.Random(1)
+        frame = functools.partial(self._frame, masked=self.frames_masked)
         sizes = [0, 1, 5, 16, 100, 125, 126, 127, 1000, 1024, 1025, 5000, 65535, 65536, 70000]
         for trial in range(120):
             frames = []
@@ -178,17 +186,17 @@ class FastReceivePathTests(unittest.TestCase):
                 r = rnd.random()
                 payload = rnd.randbytes(rnd.choice(sizes))
                 if r < 0.7:
-                    frames.append(self._frame(rnd, 2, payload))
+                    frames.append(frame(rnd, 2, payload))
                 elif r < 0.8:
-                    frames.append(self._frame(rnd, 9, payload[:50]))
+                    frames.append(frame(rnd, 9, payload[:50]))
                 elif r < 0.85:
-                    frames.append(self._frame(rnd, 10, payload[:50]))
+                    frames.append(frame(rnd, 10, payload[:50]))
                 elif r < 0.95:
                     a = rnd.randint(0, len(payload))
-                    frames.append(self._frame(rnd, 2, payload[:a], fin=False)
-                                  + self._frame(rnd, 9, b"x") + self._frame(rnd, 0, payload[a:]))
+                    frames.append(frame(rnd, 2, payload[:a], fin=False)
+                                  + frame(rnd, 9, b"x") + frame(rnd, 0, payload[a:]))
                 else:
-                    frames.append(self._frame(rnd, 1, b"text"))
+                    frames.append(frame(rnd, 1, b"text"))
             stream = b"".join(frames)
             cuts = sorted(rnd.sample(range(1, len(stream)), min(len(stream) - 1, rnd.randint(0, 8))))
             pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
@@ -206,3 +214,89 @@ class FastReceivePathTests(unittest.TestCase):
         ):
             fast, slow = self._feed_both([bad])
             self.assertEqual(fast, slow)
+
+
+class ClientFastReceivePathTests(FastReceivePathTests):
+    """The same for the client: the server's frames are unmasked, a masked one is a violation.
+
+    Also: the client's own send path writes exactly what autobahn's
+    sendMessage writes (same masking keys from the same random state).
+    """
+
+    frames_masked = False
+
+    def _make(self, fast):
+        from twisted.internet.testing import StringTransport
+
+        from exposr.client import connect
+
+        class Mux:
+            def __init__(self):
+                self.got = []
+
+            def receive(self, message):
+                self.got.append((bytes(message), True))
+
+        class Connector:
+            clock = object()
+
+        p = connect.TunnelWebSocket(Connector())
+        p.factory = connect.ws_factory("ws://127.0.0.1:9/v1/tunnel/t/ws-endpoint?t=x")
+        p.makeConnection(StringTransport())
+        p.transport.clear()  # the opening handshake
+        p.transport.registerProducer(connect._Carrier(p), True)  # as onOpen does
+        p.state = p.STATE_OPEN
+        p.inside_message = False
+        p.current_frame = None
+        p.websocket_version = 13
+        p._perMessageCompress = None
+        p.mux = Mux()
+        p.pongs = []
+        p.onPong = p.pongs.append
+        p.onMessage = lambda payload, isBinary: p.mux.got.append((bytes(payload), isBinary))
+        if not fast:
+            p.dataReceived = p._dataReceived
+        return p
+
+    def test_protocol_violations_match_autobahn(self):
+        import random
+
+        rnd = random.Random(2)
+        for bad in (
+            self._frame(rnd, 2, b"abc", masked=True),
+            bytes((0xC2, 0x01)) + b"x",
+            self._frame(rnd, 2, b"x" * 10, masked=False) + self._frame(rnd, 2, b"y", masked=True),
+            self._frame(rnd, 2, b"z" * 300, masked=False)[:2] + b"\x00\x05" + b"short",  # non-minimal length
+        ):
+            fast, slow = self._feed_both([bad])
+            self.assertEqual(fast, slow)
+            self.assertNotEqual(fast[3], 1)  # not OPEN any more: the violation failed the connection
+
+    def test_send_matches_autobahn(self):
+        import random
+
+        from exposr.transport import wsframes
+
+        self.addCleanup(random.setstate, random.getstate())  # seeded below
+        for n in (0, 1, 3, 4, 5, 125, 126, 127, 1000, 1024, 1025, 4099, 65535, 65536, 70000):
+            data = random.Random(n).randbytes(n)
+            out = []
+            for fast in (True, False):
+                p = self._make(fast)
+                random.seed(n)
+                for _ in range(3):
+                    if fast:
+                        p._send(data)
+                    else:
+                        p.sendMessage(data, isBinary=True)
+                out.append(p.transport.value())
+            self.assertEqual(out[0], out[1], f"{n} bytes")
+            # a fresh key per frame
+            frames = out[0]
+            self.assertEqual(len(frames) % 3, 0)
+            size = len(frames) // 3
+            keys = {frames[i * size + size - n - 4:i * size + size - n] for i in range(3)}
+            self.assertEqual(len(keys), 3)
+            if n:
+                key = frames[size - n - 4:size - n]
+                self.assertEqual(wsframes.xor_mask(frames[size - n:size], key), data)

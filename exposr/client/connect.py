@@ -23,7 +23,7 @@ channel; a backed-up WebSocket stops reading every target of that WebSocket.
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error, task, tcp
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
-from exposr.transport import multiplex
+from exposr.transport import multiplex, wsframes
 
 log = Logger(namespace="exposr.client")
 
@@ -96,6 +96,7 @@ class _Splice:
         self.ws = ws
         self.channel = channel
         self.target = None
+        self._direct = None  # the target's plain TCP transport (tcp.Connection), written directly
         self.closed = False
         self._pending = []
         self._pending_size = 0
@@ -112,6 +113,19 @@ class _Splice:
 
     # channel -> target
     def _data(self, data):
+        sock = self._direct
+        if sock is not None:
+            # nothing buffered: send now instead of a startWriting, a reactor
+            # turn, a doWrite and a stopWriting per message
+            if not sock.dataBuffer and not sock._tempDataLen and sock.connected and not sock.disconnecting:
+                n = sock.writeSomeData(data)
+                if n.__class__ is int:
+                    if n == len(data):
+                        return
+                    data = data[n:]
+                # an error: Twisted's own write path finds it again
+            sock.write(data)
+            return
         if self.target is not None:
             self.target.transport.write(data)
             return
@@ -156,6 +170,8 @@ class _Splice:
             target.transport.abortConnection()
             return
         self.target = target
+        if isinstance(target.transport, tcp.Connection):
+            self._direct = target.transport
         target.transport.registerProducer(self, True)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if pending:
@@ -216,12 +232,16 @@ class _Carrier:
 CARRIER_BUFFER = 512 * 1024
 
 
-class TunnelWebSocket(WebSocketClientProtocol):
-    """One transport connection: ws-multiplex acceptor + keep-alive."""
+class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
+    """One transport connection: ws-multiplex acceptor + keep-alive.
 
-    def dataReceived(self, data):
-        # skip autobahn's per-read debug formatting (hot path)
-        self._dataReceived(data)
+    dataReceived (`wsframes.FastReceive`): complete, unfragmented, unmasked
+    binary frames go straight to the multiplexer; everything else (the
+    handshake, control frames, fragments, masked frames from the server, which
+    are a protocol violation) goes to autobahn.
+    """
+
+    _rx_masked = False
 
     def __init__(self, connector):
         super().__init__()
@@ -285,8 +305,18 @@ class TunnelWebSocket(WebSocketClientProtocol):
         self.sendPing()
 
     def _send(self, data):
-        if self.state == self.STATE_OPEN:
+        """One ws-multiplex message as one masked binary frame, written directly.
+
+        Equivalent to autobahn's sendMessage as long as autobahn has nothing
+        queued (we never use sync sends, chopsize, auto-fragmentation or
+        compression) and no message of its own is half sent (no beginMessage).
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
+            return
+        self.transport.writeSequence(wsframes.masked_binary_frame(data))
 
     def _teardown(self, err):
         if self.state == self.STATE_OPEN and not self._dropping:
@@ -314,6 +344,16 @@ class TunnelWebSocket(WebSocketClientProtocol):
             self.opened.errback(TunnelClosed(reason or f"WebSocket failed ({code})"))
         if not self.closed.called:
             self.closed.callback(code)
+
+
+def ws_factory(url):
+    """The autobahn client factory of a tunnel WebSocket (``protocol`` still to set)."""
+    factory = WebSocketClientFactory(url, useragent=None)
+    limit = multiplex.DEFAULT_MAX_PAYLOAD + 64
+    factory.setProtocolOptions(maxMessagePayloadSize=limit, maxFramePayloadSize=limit,
+                               openHandshakeTimeout=0, autoPingInterval=0,
+                               closeHandshakeTimeout=1)
+    return factory
 
 
 # -- slots and the connector --------------------------------------------------------------
@@ -453,12 +493,8 @@ class TunnelConnector:
 
     @defer.inlineCallbacks
     def _open_ws(self, url):
-        factory = WebSocketClientFactory(url, useragent=None)
+        factory = ws_factory(url)
         factory.protocol = lambda: TunnelWebSocket(self)
-        limit = multiplex.DEFAULT_MAX_PAYLOAD + 64
-        factory.setProtocolOptions(maxMessagePayloadSize=limit, maxFramePayloadSize=limit,
-                                   openHandshakeTimeout=0, autoPingInterval=0,
-                                   closeHandshakeTimeout=1)
         endpoint = HostnameEndpoint(self.reactor, factory.host, factory.port,
                                     timeout=self.handshake_timeout)
         if factory.isSecure:

@@ -13,12 +13,10 @@ channel's producer (the ingress sockets) is paused until it drains; a PAUSE from
 the client pauses that channel's producer only.
 """
 
-import struct
 import uuid
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -26,26 +24,10 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.interfaces import ITunnelConnection
-from exposr.transport import multiplex
+from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
 log = Logger(namespace="exposr.transport.ws")
-
-_HEAD_SHORT = [bytes((0x82, n)) for n in range(126)]
-_pack_head16 = struct.Struct("!BBH").pack
-_pack_head64 = struct.Struct("!BBQ").pack
-
-_SMALL_UNMASK = 1024  # up to this payload size, unmasking with Python ints beats NVX's set-up
-
-
-def _unmask(payload, mask):
-    """RFC 6455 5.3: the payload XOR the 4-byte mask repeated."""
-    n = len(payload)
-    if n <= _SMALL_UNMASK:
-        key = (mask * ((n >> 2) + 1))[:n]
-        return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-    return create_xor_masker(mask, n).process(payload)
-
 
 HANDSHAKE_TIMEOUT = 5.0
 CARRIER_BUFFER = 512 * 1024  # bytes buffered towards the client before every channel is paused
@@ -72,7 +54,7 @@ class _CarrierProducer:
 
 
 @implementer(ITunnelConnection)
-class TunnelWebSocket(WebSocketServerProtocol):
+class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     """One exposr client WebSocket carrying one tunnel."""
 
     local = True
@@ -91,8 +73,6 @@ class TunnelWebSocket(WebSocketServerProtocol):
         self._pinger = None
         self._keepalive = None
         self._closing = False
-        self._rx = None  # an incomplete frame of the fast path: [chunks, length buffered, length needed]
-        self._rx_limit = None
 
     # -- WebSocket life cycle -------------------------------------------
 
@@ -182,93 +162,10 @@ class TunnelWebSocket(WebSocketServerProtocol):
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        n = len(data)
-        if n < 126:
-            header = _HEAD_SHORT[n]
-        elif n < 65536:
-            header = _pack_head16(0x82, 126, n)
-        else:
-            header = _pack_head64(0x82, 127, n)
-        self.transport.writeSequence((header, data))
+        self.transport.writeSequence((wsframes.binary_header(len(data)), data))
 
-    def dataReceived(self, data):
-        """Complete, unfragmented, masked binary frames go straight to the multiplexer.
-
-        autobahn costs ~10 calls, a masker object and a signal per message
-        (and formats debug-log arguments per read). Everything else (the
-        handshake, control frames, fragments, text, protocol violations,
-        oversized frames) is left to autobahn: the fast path only runs while
-        autobahn holds no partial frame or message, and hands over from the
-        first frame it does not take, so autobahn sees a well-formed stream
-        from a frame boundary on.
-        """
-        rx = self._rx
-        if rx is not None:
-            rx[0].append(data)
-            rx[1] += len(data)
-            if rx[1] < rx[2]:
-                return
-            data = b"".join(rx[0])
-            self._rx = None
-            if self.state != self.STATE_OPEN:
-                self._dataReceived(data)
-                return
-        elif (self.state != self.STATE_OPEN or self.data or self.current_frame is not None
-              or self.inside_message or self.mux is None):
-            self._dataReceived(data)
-            return
-        limit = self._rx_limit
-        if limit is None:
-            limit = self._rx_limit = min(
-                (v for v in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if v > 0), default=1 << 63)
-        receive = self.mux.receive
-        pos = 0
-        end = len(data)
-        need = 0  # > 0: the frame at pos is incomplete, this many bytes make progress
-        while pos < end:
-            left = end - pos
-            if left < 2:
-                need = 2
-                break
-            b1 = data[pos + 1]
-            if data[pos] != 0x82 or b1 < 0x80:  # not FIN+binary, RSV set, or unmasked
-                break
-            n = b1 & 0x7F
-            if n < 126:
-                i = pos + 2
-            elif n == 126:
-                if left < 4:
-                    need = 4
-                    break
-                n = (data[pos + 2] << 8) | data[pos + 3]
-                if n < 126:
-                    break
-                i = pos + 4
-            else:
-                if left < 10:
-                    need = 10
-                    break
-                n = int.from_bytes(data[pos + 2:pos + 10], "big")
-                if n < 65536:
-                    break
-                i = pos + 10
-            if n > limit:
-                break
-            stop = i + 4 + n
-            if stop > end:
-                need = stop - pos
-                break
-            receive(_unmask(data[i + 4:stop], data[i:i + 4]))
-            pos = stop
-            if self.state != self.STATE_OPEN:
-                break
-        if pos < end:
-            rest = data[pos:] if pos else data
-            if need:
-                # wait for the rest of this frame (joined once, not per read)
-                self._rx = [[rest], end - pos, need]
-            else:
-                self._dataReceived(rest)
+    # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
+    # binary frames; everything else goes to autobahn
 
     def _on_teardown(self, error):
         if not self._closing:

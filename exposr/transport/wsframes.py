@@ -1,0 +1,164 @@
+"""RFC 6455 frames on the hot path, shared by the server (`exposr.transport.ws`)
+and the client (`exposr.client.connect`).
+
+autobahn costs ~10 calls, a masker object and a signal per message (and
+formats debug-log arguments per read and per send). Both ends only carry
+ws-multiplex messages as single binary frames, so:
+
+* `FastReceive.dataReceived` hands complete, unfragmented binary frames with
+  the expected masking (client->server frames masked, server->client frames
+  not) straight to the multiplexer; everything else is autobahn's.
+* `binary_frame` (server: unmasked) and `masked_binary_frame` (client: a fresh
+  key per frame, as autobahn's own) build one frame without autobahn.
+"""
+
+import struct
+from random import getrandbits
+
+from autobahn.websocket.xormasker import create_xor_masker
+
+SMALL_XOR = 1024  # up to this payload size, XOR with Python ints beats NVX's set-up
+
+_HEAD_SHORT = [bytes((0x82, n)) for n in range(126)]
+_pack_head16 = struct.Struct("!BBH").pack
+_pack_head64 = struct.Struct("!BBQ").pack
+_pack_masked_short = struct.Struct("!BBI").pack
+_pack_masked16 = struct.Struct("!BBHI").pack
+_pack_masked64 = struct.Struct("!BBQI").pack
+
+
+def xor_mask(payload, mask):
+    """RFC 6455 5.3: ``payload`` XOR the 4-byte ``mask`` repeated (masks and unmasks)."""
+    n = len(payload)
+    if n <= SMALL_XOR:
+        key = (mask * ((n >> 2) + 1))[:n]
+        return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    return create_xor_masker(mask, n).process(payload)
+
+
+def binary_header(n):
+    """The header of an unmasked FIN+binary frame of ``n`` payload bytes."""
+    if n < 126:
+        return _HEAD_SHORT[n]
+    if n < 65536:
+        return _pack_head16(0x82, 126, n)
+    return _pack_head64(0x82, 127, n)
+
+
+def masked_binary_frame(data):
+    """(header with a fresh masking key, masked payload) of a FIN+binary frame.
+
+    The key comes from ``random.getrandbits(32)``, as autobahn's own.
+    """
+    n = len(data)
+    key = getrandbits(32)
+    if n < 126:
+        header = _pack_masked_short(0x82, 0x80 | n, key)
+    elif n < 65536:
+        header = _pack_masked16(0x82, 0xFE, n, key)
+    else:
+        header = _pack_masked64(0x82, 0xFF, n, key)
+    if not n:
+        return header, b""
+    return header, xor_mask(data, header[-4:])
+
+
+class FastReceive:
+    """Mixin (before the autobahn protocol class) with the fast receive path.
+
+    ``_rx_masked``: whether the frames taken must be masked (True on the
+    server; a server's frames must not be, so False on the client). The
+    subclass sets ``mux`` (with ``receive(message)``) once open.
+    """
+
+    _rx_masked = True
+    _rx = None  # an incomplete frame: [chunks, length buffered, length needed]
+    _rx_limit = None
+    mux = None
+
+    def dataReceived(self, data):
+        """Complete, unfragmented binary frames go straight to the multiplexer.
+
+        Everything else (the handshake, control frames, fragments, text,
+        protocol violations, oversized frames) is left to autobahn: the fast
+        path only runs while autobahn holds no partial frame or message, and
+        hands over from the first frame it does not take, so autobahn sees a
+        well-formed stream from a frame boundary on.
+        """
+        rx = self._rx
+        if rx is not None:
+            rx[0].append(data)
+            rx[1] += len(data)
+            if rx[1] < rx[2]:
+                return
+            data = b"".join(rx[0])
+            self._rx = None
+            if self.state != self.STATE_OPEN:
+                self._dataReceived(data)
+                return
+        elif (self.state != self.STATE_OPEN or self.data or self.current_frame is not None
+              or self.inside_message or self.mux is None):
+            self._dataReceived(data)
+            return
+        limit = self._rx_limit
+        if limit is None:
+            limit = min((v for v in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if v > 0),
+                        default=1 << 63)
+            if self._perMessageCompress is not None:
+                limit = -1  # compressed frames (RSV1) are never taken anyway; be explicit
+            self._rx_limit = limit
+        receive = self.mux.receive
+        masked = self._rx_masked
+        mask_bit = 0x80 if masked else 0
+        key_len = 4 if masked else 0
+        pos = 0
+        end = len(data)
+        need = 0  # > 0: the frame at pos is incomplete, this many bytes make progress
+        while pos < end:
+            left = end - pos
+            if left < 2:
+                need = 2
+                break
+            b1 = data[pos + 1]
+            # not FIN+binary, RSV set, or the wrong masking
+            if data[pos] != 0x82 or b1 & 0x80 != mask_bit:
+                break
+            n = b1 & 0x7F
+            if n < 126:
+                i = pos + 2
+            elif n == 126:
+                if left < 4:
+                    need = 4
+                    break
+                n = (data[pos + 2] << 8) | data[pos + 3]
+                if n < 126:
+                    break
+                i = pos + 4
+            else:
+                if left < 10:
+                    need = 10
+                    break
+                n = int.from_bytes(data[pos + 2:pos + 10], "big")
+                if n < 65536:
+                    break
+                i = pos + 10
+            if n > limit:
+                break
+            stop = i + key_len + n
+            if stop > end:
+                need = stop - pos
+                break
+            if masked:
+                receive(xor_mask(data[i + 4:stop], data[i:i + 4]))
+            else:
+                receive(data[i:stop])
+            pos = stop
+            if self.state != self.STATE_OPEN:
+                break
+        if pos < end:
+            rest = data[pos:] if pos else data
+            if need:
+                # wait for the rest of this frame (joined once, not per read)
+                self._rx = [[rest], end - pos, need]
+            else:
+                self._dataReceived(rest)
