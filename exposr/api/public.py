@@ -173,6 +173,13 @@ class PublicAPI:
         except BadInput as e:
             return None, bad_input(request, e.field)
 
+    async def _tunnel_caller(self, request, tunnel_id):
+        """Path check (before authentication, as the reference), then the caller's account."""
+        error = self._tunnel_id_error(request, tunnel_id)
+        if error is not None:
+            return None, error
+        return await self._account(request)
+
     # -- routes --------------------------------------------------------------
 
     async def create_account(self, request, base):
@@ -218,10 +225,7 @@ class PublicAPI:
         return await self._apply(request, base, tunnel_id, account, changes, 404)
 
     async def get_tunnel(self, request, base, tunnel_id):
-        error = self._tunnel_id_error(request, tunnel_id)
-        if error is not None:
-            return error
-        account, error = await self._account(request)
+        account, error = await self._tunnel_caller(request, tunnel_id)
         if error is not None:
             return error
         tunnel = await self.tunnels.get_owned(tunnel_id, account["id"])
@@ -230,10 +234,7 @@ class PublicAPI:
         return json_response(request, 200, self.tunnel_info(tunnel, base))
 
     async def delete_tunnel(self, request, base, tunnel_id):
-        error = self._tunnel_id_error(request, tunnel_id)
-        if error is not None:
-            return error
-        account, error = await self._account(request)
+        account, error = await self._tunnel_caller(request, tunnel_id)
         if error is not None:
             return error
         try:
@@ -245,10 +246,7 @@ class PublicAPI:
         return status_response(request, 204)
 
     async def disconnect_tunnel(self, request, base, tunnel_id):
-        error = self._tunnel_id_error(request, tunnel_id)
-        if error is not None:
-            return error
-        account, error = await self._account(request)
+        account, error = await self._tunnel_caller(request, tunnel_id)
         if error is not None:
             return error
         try:
