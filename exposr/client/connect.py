@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
+from exposr.sockwrite import write_now
 from exposr.transport import multiplex, wsframes
 
 log = Logger(namespace="exposr.client")
@@ -115,16 +116,7 @@ class _Splice:
     def _data(self, data):
         sock = self._direct
         if sock is not None:
-            # nothing buffered: send now instead of a startWriting, a reactor
-            # turn, a doWrite and a stopWriting per message
-            if not sock.dataBuffer and not sock._tempDataLen and sock.connected and not sock.disconnecting:
-                n = sock.writeSomeData(data)
-                if n.__class__ is int:
-                    if n == len(data):
-                        return
-                    data = data[n:]
-                # an error: Twisted's own write path finds it again
-            sock.write(data)
+            write_now(sock, data)
             return
         if self.target is not None:
             self.target.transport.write(data)

@@ -13,7 +13,7 @@ transport carries a stream.
 import json
 import time
 
-from twisted.internet import defer, protocol, tcp
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +22,7 @@ from zope.interface import implementer
 from exposr import errors
 from exposr.log import AccessLog
 from exposr.ingress import forwarding, httphead
+from exposr.sockwrite import write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
 log = Logger(namespace="exposr.ingress.http")
@@ -658,29 +659,7 @@ class IngressSession(protocol.Protocol):
             self._response_done()
 
     def _write(self, data):
-        """``transport.write``, but sent at once when nothing is buffered.
-
-        A plain TCP transport buffers every write until the next reactor turn:
-        two epoll_ctl calls and a write event per response. When its buffer
-        is empty the bytes go to the socket now (the same order, the same
-        bytes); what the socket does not take is buffered as usual.
-        """
-        t = self.transport
-        # (the internals read here are Twisted's own FileDescriptor buffers;
-        # should they ever change, getattr's default takes the buffered path)
-        if (type(t) is not tcp.Server or getattr(t, "_tempDataLen", 1) or t.dataBuffer or not t.connected
-                or t.disconnecting or t._writeDisconnected):
-            t.write(data)
-            return
-        try:
-            sent = t.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # Twisted's own write path reports it
-            t.write(data)
-            return
-        if sent < len(data):
-            t.write(data[sent:])
+        write_now(self.transport, data)
 
     def _response_done(self):
         up = self.up

@@ -1,0 +1,35 @@
+"""Writing to a TCP socket now instead of at the next reactor turn.
+
+A Twisted TCP transport buffers every ``write`` until the reactor finds the
+socket writable: an ``epoll_ctl`` to watch for writability, a reactor turn, a
+``doWrite`` and another ``epoll_ctl``. On the proxy's hot paths (a response to
+the public client, a request to the target) the buffer is nearly always empty,
+so the bytes can go to the socket at once, in the same order; what the socket
+does not take is buffered as usual.
+
+This reads Twisted's own transport state (``dataBuffer``, ``_tempDataLen``);
+whenever that is not what it expects it takes the ordinary buffered path.
+"""
+
+from twisted.internet import tcp
+
+
+def write_now(transport, data):
+    """``transport.write(data)``, sent at once when nothing is buffered."""
+    if (
+        not isinstance(transport, tcp.Connection)
+        or getattr(transport, "_tempDataLen", 1)
+        or getattr(transport, "dataBuffer", b"x")
+        or not transport.connected
+        or transport.disconnecting
+        or getattr(transport, "_writeDisconnected", True)
+    ):
+        transport.write(data)
+        return
+    sent = transport.writeSomeData(data)
+    if sent.__class__ is int:
+        if sent == len(data):
+            return
+        data = data[sent:]
+    # a partial send, or an error that Twisted's own write path reports
+    transport.write(data)
