@@ -411,6 +411,28 @@ class BadInputTests(Base):
         self.assertEqual(service.protocols, set())
 
     @defer.inlineCallbacks
+    def test_too_many_logins_in_progress_from_one_address(self):
+        service, tunnels, registry = yield start_server(self, login_grace=30)
+        service.max_unauthenticated_per_ip = 3
+        pending = []
+        for _ in range(3):
+            proto = yield self.raw(service.port, b"")
+            yield proto.event.wait(lambda p=proto: b"SSH-2.0-exposr/" in b"".join(p.received))
+            pending.append(proto)
+        refused = yield self.raw(service.port, b"")
+        yield refused.done
+        self.assertNotIn(b"SSH-2.0-exposr/", b"".join(refused.received))
+        self.assertEqual(len(service.protocols), 3)
+        # a real login still works once a slot is free
+        pending[0].transport.loseConnection()
+        yield pending[0].done
+        token = tunnels.add("tun1")
+        spawn_ssh(self, service.port, "tun1:" + token, "-N", "-R", "0:127.0.0.1:9")
+        yield registry.wait_registered()
+        # logged-in connections do not count against the limit
+        self.assertEqual(dict(service.unauthenticated), {"127.0.0.1": 2})
+
+    @defer.inlineCallbacks
     def test_misbehaving_client(self):
         service, tunnels, registry = yield start_server(self)
         token = tunnels.add("tun1")

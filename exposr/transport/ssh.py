@@ -25,6 +25,7 @@ Layout (Conch pieces, all our own; nothing of ``twisted.conch.unix``):
 """
 
 import base64
+import collections
 import hashlib
 import ipaddress
 import struct
@@ -78,6 +79,7 @@ VERSION = __version__ if __version__.startswith("v") else "v" + __version__
 BANNER = ("exposr/%s\r\n" % (VERSION,)).encode("ascii")
 
 LOGIN_GRACE = 30.0  # seconds from TCP accept to USERAUTH_SUCCESS
+MAX_UNAUTHENTICATED_PER_IP = 10  # connections still in handshake/login from one address
 KEEPALIVE_INTERVAL = 15.0
 KEEPALIVE_MAX_MISSED = 3
 STREAM_OPEN_TIMEOUT = 10.0  # forwarded-tcpip open → confirmation (or first forward)
@@ -185,6 +187,8 @@ class SSHTransportService(Service):
         self.port = None
         self.listening_port = None
         self.protocols = set()  # live _ServerTransport instances
+        self.max_unauthenticated_per_ip = MAX_UNAUTHENTICATED_PER_IP
+        self.unauthenticated = collections.Counter()  # peer IP -> connections not yet logged in
         self._listening = None
         self._waiting_close = []
 
@@ -298,10 +302,23 @@ class _ServerTransport(sshtransport.SSHServerTransport):
     _grace_call = None
     _abort_call = None
 
+    _counted_ip = None  # counted in svc.unauthenticated until login or close
+
     def connectionMade(self):
         svc = self.factory.exposr
         svc.protocols.add(self)
         self._closed = defer.Deferred()
+        ip = self.peer_ip
+        if svc.unauthenticated[ip] >= svc.max_unauthenticated_per_ip:
+            # a scanner or a flood: the address already has that many logins
+            # in progress; close before any key exchange work
+            log.info("SSH connection from {peer} refused: {n} logins in progress", peer=ip,
+                     n=svc.unauthenticated[ip])
+            self._lost = True
+            self.transport.abortConnection()
+            return
+        svc.unauthenticated[ip] += 1
+        self._counted_ip = ip
         self._grace_call = svc.reactor.callLater(svc.login_grace, self._grace_expired)
         # window adjusts and keep-alives are small packets: never hold them
         # back for the peer's delayed ACK (Nagle), or streams stall ~40 ms
@@ -420,6 +437,7 @@ class _ServerTransport(sshtransport.SSHServerTransport):
     def login(self, tunnel, account):
         """Register the authenticated connection; True when it may go on."""
         svc = self.factory.exposr
+        self._uncount()  # authenticated: no longer a login in progress
         conn = SSHTunnelConnection(self, tunnel, account, svc)
         try:
             ok = yield svc.registry.register(conn, account["id"])
@@ -448,8 +466,17 @@ class _ServerTransport(sshtransport.SSHServerTransport):
         self.setService(_Connection())
         return True
 
+    def _uncount(self):
+        ip, self._counted_ip = self._counted_ip, None
+        if ip is not None:
+            unauthenticated = self.factory.exposr.unauthenticated
+            unauthenticated[ip] -= 1
+            if unauthenticated[ip] <= 0:
+                del unauthenticated[ip]
+
     def connectionLost(self, reason=None):
         self._lost = True
+        self._uncount()
         self.factory.exposr.protocols.discard(self)
         for call in (self._grace_call, self._abort_call):
             if call is not None and call.active():
