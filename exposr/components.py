@@ -110,6 +110,7 @@ def build(server):
     if config.sni_ingress_enabled:
         sni = _SNIWiring(server, config, tunnels, registry, reactor)
         server.start_hooks.append(sni.start)
+        server.stop_hooks.append(lambda: [c.shut_down() for c in list(sni.factory.connections)])
         server.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), sni.factory))
 
     interface = AdminInterface(server.readiness) if config.admin_enable else None

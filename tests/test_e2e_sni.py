@@ -264,6 +264,20 @@ class ThroughTunnelTests(_Base):
         yield self.check_echo("echo-ssh")
 
 
+class ShutdownTests(_Base):
+    @defer.inlineCallbacks
+    def test_server_shutdown_closes_live_sni_sessions(self):
+        yield self.ws_tunnel("echo-ws", self.echo_url)
+        client = yield tls_connect(self.sni_port, f"echo-ws.{DOMAIN}", self.pem)
+        yield within(client.handshake)
+        client.transport.write(b"ping")
+        self.assertEqual((yield client.wait_bytes(4)), b"ping")
+        self.assertEqual(len(self.factory.connections), 1)
+        yield within(defer.maybeDeferred(self.server.service.stopService))
+        yield within(client.closed)
+        self.assertEqual(self.factory.connections, set())
+
+
 class ReloadTests(_Base):
     @defer.inlineCallbacks
     def test_certificate_reload_seen_by_new_connections(self):

@@ -209,6 +209,11 @@ class SNIProtocol(Protocol):
             ),
         ]
 
+    def shut_down(self):
+        """Server shutdown: close the session (TLS close_notify, then the socket)."""
+        self._close_upstream()
+        self._close_client()
+
     def dataReceived(self, data):
         if self._tls is not None:
             self._tls.dataReceived(data)
