@@ -18,7 +18,7 @@ import json
 import re
 from urllib.parse import parse_qs, urlsplit
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
 from exposr.ingress import forwarding, httphead
@@ -91,8 +91,14 @@ class FrontDoor(protocol.Protocol):
         if owner is None or self.lost:
             return
         self.inner = owner
-        owner.makeConnection(self.transport)
-        self.transport.resumeProducing()
+        transport = self.transport
+        owner.makeConnection(transport)
+        if isinstance(transport, tcp.Connection) and transport.protocol is self:
+            # from now on the reactor talks to the owner directly: one call
+            # less per read (neither the owner nor we are half-closeable, so
+            # reads and the connection's end reach the owner as through us)
+            transport.protocol = owner
+        transport.resumeProducing()
         owner.dataReceived(data + b"".join(self.pending_after))
         self.pending_after = None
 

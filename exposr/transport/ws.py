@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.interfaces import ITunnelConnection
+from exposr.sockwrite import TurnWriter
 from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
@@ -73,6 +74,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._pinger = None
         self._keepalive = None
         self._closing = False
+        self._out = None  # TurnWriter of our frames, once open
 
     # -- WebSocket life cycle -------------------------------------------
 
@@ -87,6 +89,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         except (AttributeError, OSError):
             pass
         clock = self.service.clock
+        self._out = TurnWriter(self.transport)
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
         # pausing every channel at Twisted's default 64 KiB would stall all
@@ -162,7 +165,18 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        self.transport.writeSequence((wsframes.binary_header(len(data)), data))
+        self._out.write(wsframes.binary_header(len(data)), data)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # autobahn's own writes (pings, close frames) go after our queued frames
+        if self._out is not None:
+            self._out.flush()
+        super().sendData(data, sync, chopsize)
+
+    def _closeConnection(self, abort=False):
+        if self._out is not None and not abort:
+            self._out.flush()
+        super()._closeConnection(abort)
 
     # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
     # binary frames; everything else goes to autobahn
