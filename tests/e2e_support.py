@@ -626,3 +626,30 @@ def rss_kb(pid):
 
 
 __all__ = [name for name in dir() if not name.startswith("_")] + ["signal"]
+
+
+class RawClient(protocol.Protocol):
+    """Writes ``data`` on connect, keeps what it receives; ``closed`` fires with the reason."""
+
+    def __init__(self, data=b""):
+        self.data = data
+        self.received = b""
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(reason.value)
+
+
+@defer.inlineCallbacks
+def raw_bytes_connect(port, data=b""):
+    """A `RawClient` connected to 127.0.0.1:``port``."""
+    proto = RawClient(data)
+    yield within(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_Once(proto)))
+    return proto

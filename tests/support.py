@@ -2,12 +2,12 @@
 and a small real-HTTP client for resources served on port 0."""
 
 import base64
+import io
 import json
 
 from twisted.internet import defer, reactor, task
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -100,26 +100,6 @@ class FailingStorage:
 # -- HTTP ------------------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class _Body:
-    def __init__(self, data):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class Response:
     def __init__(self, code, headers, body):
         self.code = code
@@ -174,7 +154,7 @@ class HTTPServer:
             hdrs.addRawHeader("authorization", "Bearer " + token)
         if isinstance(body, str):
             body = body.encode("utf-8")
-        producer = _Body(body) if body is not None else None
+        producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
         response = yield self.agent.request(
             method.encode("ascii"), (self.base + path).encode("ascii"), hdrs, producer
         )

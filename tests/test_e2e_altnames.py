@@ -11,7 +11,7 @@ host is ``example.test`` (the ingress URL has no such rule).
 
 import io
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.names import authority, common, dns, server as dns_server
 from twisted.trial import unittest
 from twisted.web import resource, server, static
@@ -23,6 +23,7 @@ from exposr.client.connect import TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 from exposr.config import Config
 from exposr.server import ExposrService
+from tests.e2e_support import autobahn_settled, within
 
 INGRESS_HOST = "example.test"
 ALT = "app.customer.net"
@@ -30,38 +31,6 @@ HTTP_ON = {"ingress": {"http": {"enabled": True}}}
 
 SOA = dns.Record_SOA(mname=b"ns.customer.net", rname=b"root.customer.net",
                      serial=1, refresh=1, retry=1, expire=1, minimum=1, ttl=1)
-
-
-def within(d, seconds=10):
-    return d.addTimeout(seconds, reactor)
-
-
-def wait_until(predicate, seconds=10, interval=0.01):
-    """Fires once ``predicate()`` is true (polled), else times out."""
-    d = defer.Deferred()
-
-    def check():
-        if predicate():
-            loop.stop()
-            d.callback(None)
-
-    loop = task.LoopingCall(check)
-    loop.start(interval, now=True)
-
-    def cancel(result):
-        if loop.running:
-            loop.stop()
-        return result
-
-    return within(d, seconds).addBoth(cancel)
-
-
-def autobahn_settled(seconds=3):
-    """Fires once autobahn's batched timers (close handshakes) have run out."""
-    def idle():
-        return not any("_BatchedTimer" in repr(c.func) or "_notify_bucket" in repr(c.func)
-                       for c in reactor.getDelayedCalls() if c.active())
-    return wait_until(idle, seconds, 0.05)
 
 
 class Zone(authority.FileAuthority):

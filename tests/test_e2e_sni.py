@@ -114,30 +114,6 @@ class _Echo(protocol.Protocol):
         self.transport.write(data)
 
 
-class _Raw(protocol.Protocol):
-    def __init__(self, data=b""):
-        self.data = data
-        self.received = b""
-        self.closed = defer.Deferred()
-
-    def connectionMade(self):
-        if self.data:
-            self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(reason.value)
-
-
-@defer.inlineCallbacks
-def raw_connect(port, data=b""):
-    proto = _Raw(data)
-    yield within(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(e2e._Once(proto)))
-    return proto
-
-
 class _Base(unittest.TestCase):
     timeout = 60
 
@@ -346,17 +322,17 @@ class FailureTests(_Base):
         yield self.assertRefused(None, "no SNI server name")
 
         # not TLS at all
-        plain = yield raw_connect(self.sni_port, b"GET / HTTP/1.1\r\nHost: good.example.test\r\n\r\n")
-        garbage = yield raw_connect(self.sni_port, os.urandom(3000))
+        plain = yield e2e.raw_bytes_connect(self.sni_port, b"GET / HTTP/1.1\r\nHost: good.example.test\r\n\r\n")
+        garbage = yield e2e.raw_bytes_connect(self.sni_port, os.urandom(3000))
         # a ClientHello announcing 64 KiB (the limit is 16 KiB)
         body = b"\x03\x03" + os.urandom(32) + b"\x00" * (65536 - 34)
         huge = b"\x01" + struct.pack("!I", len(body))[1:] + body
-        oversized = yield raw_connect(self.sni_port, records(huge))
+        oversized = yield e2e.raw_bytes_connect(self.sni_port, records(huge))
         # a client that never finishes its ClientHello
         hello = python_hello(f"good.{DOMAIN}")
-        partial = yield raw_connect(self.sni_port, hello[:40])
+        partial = yield e2e.raw_bytes_connect(self.sni_port, hello[:40])
         # a client that sends a whole ClientHello, then nothing
-        stalled = yield raw_connect(self.sni_port, hello)
+        stalled = yield e2e.raw_bytes_connect(self.sni_port, hello)
 
         for conn in (plain, garbage, oversized, partial, stalled):
             yield within(conn.closed, 10)

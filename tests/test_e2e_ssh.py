@@ -14,7 +14,6 @@ import shutil
 import tempfile
 
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -298,30 +297,6 @@ class DisconnectTests(_Base):
         self.assertEqual(info["connection"]["connected"], False)
 
 
-class _Raw(protocol.Protocol):
-    def __init__(self, data=b""):
-        self.data = data
-        self.received = b""
-        self.closed = defer.Deferred()
-
-    def connectionMade(self):
-        if self.data:
-            self.transport.write(self.data)
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(None)
-
-
-@defer.inlineCallbacks
-def raw_ssh(port, data=b""):
-    proto = _Raw(data)
-    yield within(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(e2e._Once(proto)))
-    return proto
-
-
 class BadInputTests(_Base):
     @defer.inlineCallbacks
     def test_garbage_and_stalled_handshakes_do_not_disturb_others(self):
@@ -330,11 +305,11 @@ class BadInputTests(_Base):
         svc.login_grace = 1.0  # for connections accepted from now on
         port = svc.port
 
-        garbage = yield raw_ssh(port, os.urandom(8192) + b"\n" * 10 + os.urandom(8192))
-        not_ssh = yield raw_ssh(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"A" * 5000)
-        bad_packet = yield raw_ssh(port, b"SSH-2.0-evil\r\n" + b"\xff\xff\xff\xff" + os.urandom(100))
-        stalled_silent = yield raw_ssh(port)  # connects, says nothing
-        stalled_after_version = yield raw_ssh(port, b"SSH-2.0-slow\r\n")  # never sends KEXINIT
+        garbage = yield e2e.raw_bytes_connect(port, os.urandom(8192) + b"\n" * 10 + os.urandom(8192))
+        not_ssh = yield e2e.raw_bytes_connect(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"A" * 5000)
+        bad_packet = yield e2e.raw_bytes_connect(port, b"SSH-2.0-evil\r\n" + b"\xff\xff\xff\xff" + os.urandom(100))
+        stalled_silent = yield e2e.raw_bytes_connect(port)  # connects, says nothing
+        stalled_after_version = yield e2e.raw_bytes_connect(port, b"SSH-2.0-slow\r\n")  # never sends KEXINIT
 
         # meanwhile the tunnel works
         head, body = yield self.ask(b"GET", b"/bytes/500000")
