@@ -16,6 +16,9 @@ def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
     import os
 
+    from exposr import reactor
+
+    reactor.install_if_none()
     if os.environ.get("EXPOSR_SELF_TEST"):
         from exposr import selftest
 

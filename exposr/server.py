@@ -71,8 +71,9 @@ class ExposrService(MultiService):
     async def _start(self):
         config = self.config
         log.info(
-            "exposrd {version} starting, node {node_id} ({node_host}, {node_ip})",
+            "exposrd {version} starting, node {node_id} ({node_host}, {node_ip}), reactor {reactor}",
             version=__version__,
+            reactor=f"{type(self.reactor).__module__}.{type(self.reactor).__name__}",
             node_id=self.node.id,
             node_host=self.node.host,
             node_ip=self.node.ip,

@@ -67,6 +67,8 @@ class ProcessTests(unittest.TestCase):
         lines = [l for l in proto.output.splitlines() if l.strip()]
         records = [procs.jsonof(l) for l in lines]  # every line is one JSON record
         self.assertTrue(all({"timestamp", "level", "logger", "data"} <= set(r) for r in records))
+        starting = [r for r in records if r["logger"] == "exposr.server" and "starting" in r["data"]["message"]]
+        self.assertEqual(starting[0]["data"]["reactor"], "exposr.reactor.Reactor")
         self.assertNotIn(account.encode(), proto.output, "account numbers must not be logged")
 
     @defer.inlineCallbacks

@@ -371,6 +371,9 @@ _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cli = None
+    from exposr import reactor
+
+    reactor.install_if_none()
 
     def start(reactor):
         nonlocal cli
