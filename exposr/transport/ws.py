@@ -31,7 +31,6 @@ from exposr.transport.stream import StreamTransport
 log = Logger(namespace="exposr.transport.ws")
 
 HANDSHAKE_TIMEOUT = 5.0
-CARRIER_BUFFER = 512 * 1024  # bytes buffered towards the client before every channel is paused
 CLOSE_REFUSED = 1008
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -92,9 +91,10 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._out = TurnWriter(self.transport)
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
-        # pausing every channel at Twisted's default 64 KiB would stall all
-        # uploads of the tunnel for each message sent
-        self.transport.bufferSize = CARRIER_BUFFER
+        # Twisted's bufferSize (64 KiB) is kept: it is the size of every
+        # recv() too, and frames go to the socket at the end of the turn
+        # (TurnWriter), so the backlog that pauses every channel only grows
+        # once the kernel's send buffer is full
         self.transport.registerProducer(_CarrierProducer(self), True)
         self._keepalive = multiplex.KeepAlive(clock.seconds())
         self._pinger = task.LoopingCall(self._ping)
