@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from threading import get_ident
 from json.encoder import encode_basestring as _quote
 
 from twisted.logger import (
@@ -59,6 +60,7 @@ _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _off = False
 _sink = None  # the JSONLineObserver installed by `observer`, for access records
 _info_on = {}  # namespace -> whether info passes `_predicate` (reset by set_level)
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def set_level(name):
@@ -109,12 +111,26 @@ def event_as_record(event, host=socket.gethostname(), pid=os.getpid()):
 
 
 class JSONLineObserver:
-    """Writes records as JSON lines; flushes once per reactor turn, not per line."""
+    """Writes records as JSON lines: the lines of one reactor turn with one write.
 
-    def __init__(self, out):
+    The lines are kept here, not in the stream's buffer: with
+    ``PYTHONUNBUFFERED=1`` (usual in containers, set in the Docker image)
+    every ``write`` of the stream is a system call, which was one more per
+    proxied request. Outside a running reactor (start-up, shutdown, other
+    threads) every line is written at once; what is pending when the reactor
+    stops is written by a shutdown trigger.
+    """
+
+    def __init__(self, out, reactor=None):
         self._out = out
-        self._flush_pending = False
+        self._pending = []
         self._reactor = None
+        if reactor is not None:
+            self._use(reactor)
+
+    def _use(self, reactor):
+        self._reactor = reactor
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def __call__(self, event):
         if _off:
@@ -126,27 +142,34 @@ class JSONLineObserver:
         self.write_line(line)
 
     def write_line(self, line):
-        self._out.write(line + "\n")
-        if not self._flush_pending:
-            self._schedule_flush()
-
-    def _schedule_flush(self):
-        if self._flush_pending:
-            return
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        if getattr(reactor, "running", False) and threading.current_thread() is threading.main_thread():
-            self._flush_pending = True
-            reactor.callLater(0, self._flush)
+        pending = self._pending
+        if get_ident() != _MAIN_THREAD:
+            self._write(line + "\n")  # (not kept: flush runs in the reactor's thread)
+        elif pending:
+            pending.append(line)
         else:
-            self._out.flush()
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor
 
-    def _flush(self):
-        self._flush_pending = False
+                self._use(reactor)
+            if getattr(reactor, "running", False):
+                pending.append(line)
+                reactor.callLater(0, self.flush)
+            else:
+                self._write(line + "\n")
+
+    def flush(self):
+        """Write the pending lines now."""
+        pending = self._pending
+        if pending:
+            self._pending = []
+            pending.append("")
+            self._write("\n".join(pending))
+
+    def _write(self, text):
         try:
+            self._out.write(text)
             self._out.flush()
         except (OSError, ValueError):
             pass

@@ -1,0 +1,81 @@
+"""The JSON line output: records as the reference's, written once per reactor turn."""
+
+import io
+import json
+import threading
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+from twisted.trial import unittest
+
+from exposr import log
+
+
+class _Out(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+class _Reactor(Clock):
+    running = True
+
+    def __init__(self):
+        super().__init__()
+        self.triggers = []
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.triggers.append((phase, event, f))
+
+
+class JSONLineObserverTests(unittest.TestCase):
+    def setUp(self):
+        self.out, self.reactor = _Out(), _Reactor()
+        self.observer = log.JSONLineObserver(self.out, reactor=self.reactor)
+
+    def _event(self, text):
+        return {"log_format": text, "log_level": LogLevel.info, "log_namespace": "exposr.test", "log_time": 0}
+
+    def test_lines_of_one_turn_are_written_with_one_write_after_it(self):
+        for i in range(3):
+            self.observer(self._event(f"line {i}"))
+        self.assertEqual(self.out.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+        records = [json.loads(line) for line in self.out.getvalue().splitlines()]
+        self.assertEqual([r["data"]["message"] for r in records], ["line 0", "line 1", "line 2"])
+        self.assertEqual({r["level"] for r in records}, {"INFO"})
+        self.observer(self._event("next turn"))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.out.writes), 2)
+        self.assertTrue(self.out.getvalue().endswith("next turn\"}}\n"))
+
+    def test_lines_pending_when_the_reactor_stops_are_written_by_the_shutdown_trigger(self):
+        self.observer(self._event("last words"))
+        [(phase, event, flush)] = self.reactor.triggers
+        self.assertEqual((phase, event), ("after", "shutdown"))
+        flush()
+        self.assertIn("last words", self.out.getvalue())
+        self.reactor.advance(0)  # the turn's own flush finds nothing left
+        self.assertEqual(len(self.out.writes), 1)
+
+    def test_outside_a_running_reactor_each_line_is_written_at_once(self):
+        self.reactor.running = False
+        self.observer(self._event("starting"))
+        self.assertIn("starting", self.out.getvalue())
+
+    def test_lines_from_another_thread_are_written_at_once(self):
+        t = threading.Thread(target=self.observer, args=(self._event("from a thread"),))
+        t.start()
+        t.join(10)
+        self.assertIn("from a thread", self.out.getvalue())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_closed_output_does_not_break_logging(self):
+        self.out.close()
+        self.reactor.running = False
+        self.observer(self._event("nobody reads this"))  # no exception
