@@ -121,6 +121,20 @@ class ProxyTests(_Base):
         self.assertEqual([_json(r)["path"] for r in resps], ["/echo/0", "/echo/1", "/echo/2"])
 
     @defer.inlineCallbacks
+    def test_connection_close_from_the_client_ends_the_connection(self):
+        # forwarding drops the request's Connection header; the client's
+        # wish to close must still be honoured (and said in the response)
+        yield self.serve()
+        for version, headers in ((b"HTTP/1.1", [(b"Connection", b"close")]), (b"HTTP/1.0", [])):
+            conn = yield e2e.raw_connect(self.server.port)
+            self.addCleanup(conn.transport.abortConnection)
+            conn.request(self.req(b"GET", b"/bytes/100", headers=headers, version=version))
+            head, body, _ = yield conn.response()
+            self.assertEqual((head.status, len(body)), (200, 100))
+            self.assertFalse(head.keep_alive, head.raw)  # "Connection: close", or HTTP/1.0 without keep-alive
+            yield within(conn.closed)
+
+    @defer.inlineCallbacks
     def test_chunked_upload_50mb(self):
         yield self.serve()
         conn = yield e2e.raw_connect(self.server.port)

@@ -1045,3 +1045,34 @@ class DeriveBaseUrlTests(unittest.TestCase):
     def test_format(self):
         self.assertEqual(format_base_url(("https", "a.com", None)), "https://a.com")
         self.assertEqual(format_base_url(("http", "[::1]", 8080)), "http://[::1]:8080")
+
+
+class PersistentTests(unittest.TestCase):
+    """``head.persistent``: the sender's keep-alive wish as received, kept when headers are edited."""
+
+    def _request(self, version, connection=None):
+        extra = b"Connection: %s\r\n" % connection if connection else b""
+        events = RequestParser().feed(b"GET / %s\r\nHost: a\r\n%s\r\n" % (version, extra))
+        return events[0].head
+
+    def _response(self, version, connection=None):
+        extra = b"Connection: %s\r\n" % connection if connection else b""
+        events = ResponseParser().feed(b"%s 200 OK\r\nContent-Length: 0\r\n%s\r\n" % (version, extra))
+        return events[0].head
+
+    def test_by_version_and_connection_tokens(self):
+        for parse in (self._request, self._response):
+            self.assertTrue(parse(b"HTTP/1.1").persistent)
+            self.assertFalse(parse(b"HTTP/1.1", b"Close").persistent)
+            self.assertFalse(parse(b"HTTP/1.1", b"keep-alive, close").persistent)
+            self.assertFalse(parse(b"HTTP/1.0").persistent)
+            self.assertTrue(parse(b"HTTP/1.0", b"Keep-Alive").persistent)
+
+    def test_survives_header_edits_unlike_keep_alive(self):
+        head = self._request(b"HTTP/1.1", b"close")
+        head.remove(b"connection")
+        self.assertTrue(head.keep_alive)
+        self.assertFalse(head.persistent)
+
+    def test_unset_on_heads_built_by_hand(self):
+        self.assertIsNone(RequestHead(b"GET", b"/").persistent)

@@ -518,21 +518,25 @@ class IngressSession(protocol.Protocol):
         self.sent = 0
         self.response_started = False
         self.upgrade = head.method == b"CONNECT" or head.is_upgrade
+        # as the client sent it: forwarding drops its Connection header
+        self.request_persistent = head.keep_alive if head.persistent is None else head.persistent
         ingress = self.ingress
         # Synchronous when it can be (a cached tunnel record and an idle
         # pooled stream: the common keep-alive case): no Deferred at all.
         # Storage, alt-name lookups and new streams chain Deferreds.
         try:
             host, self.route_ip, self.base = ingress.route_info(head, self.peer_ip, self.peer_trusted)
+            # (type checks, not isinstance(..., Deferred): Deferred is a
+            # typing Generic, whose isinstance goes through ABCMeta)
             tunnel_id = ingress.claim(host)
-            if isinstance(tunnel_id, defer.Deferred):
-                d = tunnel_id.addCallback(self._claimed)
-            else:
+            if tunnel_id is None or type(tunnel_id) is str:
                 d = self._claimed(tunnel_id)
-            if isinstance(d, defer.Deferred):
-                d.addCallback(self._checked, head)
             else:
+                d = tunnel_id.addCallback(self._claimed)
+            if type(d) is dict:
                 d = self._checked(d, head)
+            else:
+                d.addCallback(self._checked, head)
             if d is not None:
                 d.addErrback(self._route_failed)
         except Exception:
@@ -617,7 +621,7 @@ class IngressSession(protocol.Protocol):
         self.status = err.status
         # the request body (if any) was not read: the connection cannot continue
         body_pending = self.upgrade or head.chunked or bool(head.content_length)
-        close = body_pending or not head.keep_alive or err.status == 421
+        close = body_pending or not self.request_persistent or err.status == 421
         self.transport.write(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
         self._access()
         if close:
@@ -647,11 +651,19 @@ class IngressSession(protocol.Protocol):
                 out.append(ev.data)
             elif t is Head:
                 head = ev.head
-                out.append(head.raw)
                 self.response_started = True
-                if not head.is_interim:
-                    self.status = head.status
-                    self.response_keep_alive = head.keep_alive
+                if head.is_interim:
+                    out.append(head.raw)
+                    continue
+                self.status = head.status
+                self.response_keep_alive = head.persistent
+                if head.persistent and not self.request_persistent and not self.upgrade:
+                    # the client asked to close: the connection ends after
+                    # this response, and the response must say so
+                    head.set(b"connection", b"close")
+                    out.append(head.serialize())
+                else:
+                    out.append(head.raw)
             elif t is End:
                 done = True
                 break
@@ -679,7 +691,7 @@ class IngressSession(protocol.Protocol):
         else:
             up.session = None
             up.transport.loseConnection()
-        if self.state != AWAIT or not self.request.keep_alive or not self.response_keep_alive:
+        if self.state != AWAIT or not self.request_persistent or not self.response_keep_alive:
             self._close()
             return
         self.state = IDLE

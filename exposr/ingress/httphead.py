@@ -14,7 +14,12 @@ byte chunks with ``feed(data)`` and return a list of events:
     holds the head bytes as received (for forwarding unchanged); the one
     exception is a response with both ``Transfer-Encoding: chunked`` and
     ``Content-Length``, whose ``Content-Length`` is dropped from ``headers``
-    and ``raw`` (RFC 9112 6.3).
+    and ``raw`` (RFC 9112 6.3).  ``head.persistent`` says, as received,
+    whether the sender lets the connection persist after this message (the
+    version's default and the ``Connection`` tokens): unlike the
+    ``keep_alive`` property it stays true to what was received when headers
+    are edited afterwards (the ingress drops ``Connection`` when it forwards
+    a request).
 ``Body(data)``
     Body bytes, always a slice of the input (the input object itself when a
     whole chunk is body: zero copies).  Chunked bodies are passed through
@@ -203,7 +208,7 @@ def _content_length(values, status):
 class _HeadBase:
     """Headers as an ordered list of ``(name, value)`` bytes pairs."""
 
-    __slots__ = ("version", "headers", "raw")
+    __slots__ = ("version", "headers", "raw", "persistent")
 
     def _values(self, lname):
         return [v for n, v in self.headers if n.lower() == lname]
@@ -332,6 +337,7 @@ class RequestHead(_HeadBase):
         self.version = version
         self.headers = [] if headers is None else headers
         self.raw = raw
+        self.persistent = None  # set by the parsers (see the module docstring)
 
     def serialize(self):
         """The head as bytes: request line, header lines, blank line."""
@@ -358,6 +364,7 @@ class ResponseHead(_HeadBase):
         self.version = version
         self.headers = [] if headers is None else headers
         self.raw = raw
+        self.persistent = None  # set by the parsers (see the module docstring)
 
     @property
     def is_interim(self):
@@ -739,6 +746,8 @@ class RequestParser(_Parser):
             raise HeadError(505, "HTTP version not supported")
         head = RequestHead(method, target, version, fields)
         cl, te, conn, upgrade, hosts = _framing_headers(fields)
+        tokens = _tokens(conn) if conn is not None else ()
+        head.persistent = b"close" not in tokens and (minor != b"0" or b"keep-alive" in tokens)
         if hosts > 1:
             raise HeadError(400, "more than one Host header")
         if te is not None:
@@ -758,9 +767,7 @@ class RequestParser(_Parser):
             mode = _LENGTH if length else _NONE
         else:
             mode, length = _NONE, 0
-        if method == b"CONNECT" or (
-            upgrade and conn is not None and b"upgrade" in _tokens(conn)
-        ):
+        if method == b"CONNECT" or (upgrade and b"upgrade" in tokens):
             mode = _RAW
         return head, mode, length
 
@@ -801,6 +808,12 @@ class ResponseParser(_Parser):
         if status < 100:
             raise HeadError(502, "invalid status code")
         head = ResponseHead(status, reason or b"", version, fields)
+        cl, te, conn, upgrade, hosts = _framing_headers(fields)
+        if conn is None:
+            head.persistent = version != b"HTTP/1.0"
+        else:
+            tokens = _tokens(conn)
+            head.persistent = b"close" not in tokens and (version != b"HTTP/1.0" or b"keep-alive" in tokens)
         if status < 200:
             if status == 101:
                 if self._methods:
@@ -812,7 +825,6 @@ class ResponseParser(_Parser):
             return head, _NONE, 0
         if method == b"CONNECT" and status < 300:
             return head, _RAW, 0
-        cl, te, conn, upgrade, hosts = _framing_headers(fields)
         if te is not None:
             codings = _codings(te)
             if codings and codings[-1] == b"chunked":
