@@ -130,6 +130,11 @@ _FIELD_LINE = re.compile(
 )
 # Control characters other than HTAB, CR and LF (CR/LF are counted apart).
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The fast path: header lines that are all plainly well formed (a token, a
+# colon, then no control character but HTAB, each ended by CRLF), checked by
+# one match; anything else takes the line-by-line path and its exact errors.
+_PLAIN_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_PLAIN_STATUS_LINE = re.compile(rb"(HTTP/([0-9])\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*"
     + _TOKEN
@@ -661,6 +666,24 @@ class _Parser:
             raise HeadError(self._error_status, "malformed %s line" % what)
         return fields
 
+    def _plain_head(self, data, pos, idx, line):
+        """(start line match, header fields) of a plainly well-formed head, else None.
+
+        ``line`` is the start line's pattern, which admits no control
+        character; one match checks every header line (`_PLAIN_FIELDS`).
+        """
+        le = data.find(b"\r\n", pos, idx)
+        if le == -1:
+            m = line.fullmatch(data, pos, idx)
+            return None if m is None else (m, [])
+        m = line.fullmatch(data, pos, le)
+        if m is None or _PLAIN_FIELDS.fullmatch(data, le + 2, idx + 2) is None:
+            return None
+        fields = _FIELD_LINE.findall(data, le + 2, idx + 2)
+        if len(fields) > self.max_headers:
+            raise HeadError(self._too_large, "too many header fields")
+        return m, fields
+
     def _split_head(self, data, pos, idx):
         """(start line end, header fields) of the head ``data[pos:idx]``."""
         le = data.find(b"\r\n", pos, idx)
@@ -737,10 +760,14 @@ class RequestParser(_Parser):
     _too_large = 431
 
     def _parse_head(self, data, pos, idx):
-        le, fields = self._split_head(data, pos, idx)
-        m = _REQUEST_LINE.fullmatch(data, pos, le)
-        if m is None:
-            raise HeadError(400, "malformed request line")
+        plain = self._plain_head(data, pos, idx, _REQUEST_LINE)
+        if plain is not None:
+            m, fields = plain
+        else:
+            le, fields = self._split_head(data, pos, idx)
+            m = _REQUEST_LINE.fullmatch(data, pos, le)
+            if m is None:
+                raise HeadError(400, "malformed request line")
         method, target, version, major, minor = m.groups()
         if major != b"1":
             raise HeadError(505, "HTTP version not supported")
@@ -797,10 +824,14 @@ class ResponseParser(_Parser):
         return len(self._methods)
 
     def _parse_head(self, data, pos, idx):
-        le, fields = self._split_head(data, pos, idx)
-        m = _STATUS_LINE.fullmatch(data, pos, le)
-        if m is None:
-            raise HeadError(502, "malformed status line")
+        plain = self._plain_head(data, pos, idx, _PLAIN_STATUS_LINE)
+        if plain is not None:
+            m, fields = plain
+        else:
+            le, fields = self._split_head(data, pos, idx)
+            m = _STATUS_LINE.fullmatch(data, pos, le)
+            if m is None:
+                raise HeadError(502, "malformed status line")
         version, major, code, reason = m.groups()
         if major != b"1":
             raise HeadError(502, "HTTP version not supported")
