@@ -891,6 +891,53 @@ class FuzzTests(unittest.TestCase):
             self.check(self.response_parser(rng), data, rng)
 
 
+class PlainPathTests(unittest.TestCase):
+    """The one-match fast path for plain heads decides exactly as the line-by-line path."""
+
+    SEEDS, ALPHABET, mutate = FuzzTests.SEEDS, FuzzTests.ALPHABET, FuzzTests.mutate
+
+    def outcome(self, parser, data):
+        try:
+            events = parser.feed(data)
+            events += parser.feed_eof()
+        except HeadError as e:
+            return ("error", e.status, e.reason)
+        return [(type(ev).__name__, getattr(ev, "head", None), bytes(getattr(ev, "data", b"")),
+                 getattr(getattr(ev, "head", None), "persistent", None)) for ev in events]
+
+    def compare(self, make, data):
+        fast = self.outcome(make(), data)
+        slow_parser = make()
+        slow_parser._plain_head = lambda *args: None
+        self.assertEqual(fast, self.outcome(slow_parser, data), data)
+
+    def test_fast_and_slow_paths_agree(self):
+        rng = random.Random(2024)
+        for _ in range(6000):
+            data = self.mutate(rng, rng.choice(self.SEEDS))
+            self.compare(lambda: RequestParser(max_head_size=512, max_headers=4), data)
+            methods = [rng.choice([b"GET", b"HEAD", b"CONNECT"]) for _ in range(3)]
+
+            def response_parser():
+                parser = ResponseParser(max_head_size=512, max_headers=4)
+                for method in methods:
+                    parser.expect(method)
+                return parser
+
+            self.compare(response_parser, data)
+
+    def test_the_fast_path_is_taken_for_plain_heads(self):
+        parser = RequestParser()
+        calls = []
+        slow = parser._split_head
+        parser._split_head = lambda *args: calls.append(args) or slow(*args)
+        parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-A:  b c \t\r\n\r\n")
+        self.assertEqual(calls, [])
+        with self.assertRaises(HeadError):
+            parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: \x01\r\n\r\n")
+        self.assertEqual(len(calls), 1)
+
+
 class ForwardedTests(unittest.TestCase):
     def test_parse_forwarded(self):
         self.assertEqual(
