@@ -293,7 +293,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         self.sendPing()
 
     def _send(self, data):
-        """One ws-multiplex message as one masked binary frame, written directly.
+        """One ws-multiplex message as one masked binary frame, sent at once (`wsframes`).
 
         Equivalent to autobahn's sendMessage as long as autobahn has nothing
         queued (we never use sync sends, chopsize, auto-fragmentation or
@@ -304,7 +304,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        self.transport.writeSequence(wsframes.masked_binary_frame(data))
+        write_now(self.transport, wsframes.masked_binary_frame(data))
 
     def _teardown(self, err):
         if self.state == self.STATE_OPEN and not self._dropping:

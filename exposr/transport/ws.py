@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.interfaces import ITunnelConnection
-from exposr.sockwrite import TurnWriter
+from exposr.sockwrite import write_now
 from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
@@ -73,7 +73,6 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._pinger = None
         self._keepalive = None
         self._closing = False
-        self._out = None  # TurnWriter of our frames, once open
 
     # -- WebSocket life cycle -------------------------------------------
 
@@ -88,13 +87,12 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         except (AttributeError, OSError):
             pass
         clock = self.service.clock
-        self._out = TurnWriter(self.transport)
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
         # Twisted's bufferSize (64 KiB) is kept: it is the size of every
-        # recv() too, and frames go to the socket at the end of the turn
-        # (TurnWriter), so the backlog that pauses every channel only grows
-        # once the kernel's send buffer is full
+        # recv() too, and frames go to the socket at once (`_send`), so the
+        # backlog that pauses every channel only grows once the kernel's send
+        # buffer is full
         self.transport.registerProducer(_CarrierProducer(self), True)
         self._keepalive = multiplex.KeepAlive(clock.seconds())
         self._pinger = task.LoopingCall(self._ping)
@@ -154,29 +152,19 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def _send(self, data):
         """One ws-multiplex message as one binary frame (server frames are not masked).
 
-        The frame is written directly: autobahn's sendMessage/sendFrame/sendData
-        cost several calls and eagerly formatted debug-log arguments per message.
-        This is equivalent as long as autobahn has nothing queued (we never use
-        sync sends, chopsize, auto-fragmentation or compression) and no message
-        of its own is half sent (we never use beginMessage).
+        The frame is written directly, and sent at once (`wsframes`):
+        autobahn's sendMessage/sendFrame/sendData cost several calls and
+        eagerly formatted debug-log arguments per message. This is equivalent
+        as long as autobahn has nothing queued (we never use sync sends,
+        chopsize, auto-fragmentation or compression) and no message of its own
+        is half sent (we never use beginMessage).
         """
         if self.state != self.STATE_OPEN:
             return
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        self._out.write(wsframes.binary_header(len(data)), data)
-
-    def sendData(self, data, sync=False, chopsize=None):
-        # autobahn's own writes (pings, close frames) go after our queued frames
-        if self._out is not None:
-            self._out.flush()
-        super().sendData(data, sync, chopsize)
-
-    def _closeConnection(self, abort=False):
-        if self._out is not None and not abort:
-            self._out.flush()
-        super()._closeConnection(abort)
+        write_now(self.transport, wsframes.binary_frame(data))
 
     # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
     # binary frames; everything else goes to autobahn

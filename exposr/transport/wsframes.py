@@ -10,6 +10,13 @@ ws-multiplex messages as single binary frames, so:
   not) straight to the multiplexer; everything else is autobahn's.
 * `binary_frame` (server: unmasked) and `masked_binary_frame` (client: a fresh
   key per frame, as autobahn's own) build one frame without autobahn.
+
+Each end sends a frame the moment the message exists (`exposr.sockwrite.write_now`),
+not at the end of the reactor turn: measured on one 2-core machine at 10
+connections, coalescing a turn's frames into one send made every stage wait
+for the whole batch (the server's requests, then the client's, in convoy) and
+cost ~20% of the requests per second; at 50 connections immediate sends were
+still ahead.
 """
 
 import struct
@@ -36,17 +43,18 @@ def xor_mask(payload, mask):
     return create_xor_masker(mask, n).process(payload)
 
 
-def binary_header(n):
-    """The header of an unmasked FIN+binary frame of ``n`` payload bytes."""
+def binary_frame(data):
+    """An unmasked FIN+binary frame of ``data`` (bytes)."""
+    n = len(data)
     if n < 126:
-        return _HEAD_SHORT[n]
+        return _HEAD_SHORT[n] + data
     if n < 65536:
-        return _pack_head16(0x82, 126, n)
-    return _pack_head64(0x82, 127, n)
+        return _pack_head16(0x82, 126, n) + data
+    return _pack_head64(0x82, 127, n) + data
 
 
 def masked_binary_frame(data):
-    """(header with a fresh masking key, masked payload) of a FIN+binary frame.
+    """A masked FIN+binary frame of ``data``, with a fresh masking key.
 
     The key comes from ``random.getrandbits(32)``, as autobahn's own.
     """
@@ -59,8 +67,8 @@ def masked_binary_frame(data):
     else:
         header = _pack_masked64(0x82, 0xFF, n, key)
     if not n:
-        return header, b""
-    return header, xor_mask(data, header[-4:])
+        return header
+    return header + xor_mask(data, header[-4:])
 
 
 class FastReceive:
