@@ -491,7 +491,6 @@ class IngressSession(protocol.Protocol):
                     self.up.transport.write(ev.data)
                 elif type(ev) is End:
                     self.state = AWAIT
-                    self._request_sent()
             elif state == IDLE and type(ev) is Head:
                 self._start_request(ev.head)
             elif state == CLOSED:
@@ -634,9 +633,6 @@ class IngressSession(protocol.Protocol):
             self._arm_timer()
             self._drain_pending()
 
-    def _request_sent(self):
-        pass
-
     # -- upstream events -----------------------------------------------------
 
     def response_events(self, up, events):
@@ -652,7 +648,7 @@ class IngressSession(protocol.Protocol):
             elif t is Head:
                 head = ev.head
                 self.response_started = True
-                if head.is_interim:
+                if head.status < 200 and head.status != 101:  # interim (1xx)
                     out.append(head.raw)
                     continue
                 self.status = head.status

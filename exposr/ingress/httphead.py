@@ -194,6 +194,10 @@ def _codings(values):
 
 def _content_length(values, status):
     """The one Content-Length of ``values`` (list of raw header values)."""
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= 18:
+            return int(value)
     result = None
     for value in values:
         for item in value.split(b","):
@@ -430,6 +434,9 @@ class End(_Event):
         self.trailers = list(trailers)
 
 
+_END = End()  # the End of every message without trailers (events are never changed)
+
+
 class Raw(_Event):
     __slots__ = ("data",)
 
@@ -546,7 +553,7 @@ class _Parser:
                 events.append(Head(head))
                 pos = hend
                 if mode == _NONE:
-                    events.append(End())
+                    events.append(_END)
                 elif mode == _LENGTH:
                     self._remaining = length
                     state = _S_LENGTH
@@ -569,7 +576,7 @@ class _Parser:
                     rem = 0
                 self._remaining = rem
                 if not rem:
-                    events.append(End())
+                    events.append(_END)
                     state = _S_HEAD
             elif state == _S_EOF:
                 events.append(Body(data[pos:] if pos else data))
@@ -705,7 +712,7 @@ class _Parser:
             raise self._error
         self._state = _S_CLOSED
         if state == _S_EOF:
-            return [End()]
+            return [_END]
         if state == _S_RAW or state == _S_CLOSED:
             return []
         if state == _S_HEAD:
