@@ -673,12 +673,28 @@ class _Parser:
             raise HeadError(self._error_status, "malformed %s line" % what)
         return fields
 
-    def _plain_head(self, data, pos, idx, line):
+    def _head_parts(self, data, pos, idx):
+        """(start line match, header fields) of the head ``data[pos:idx]``.
+
+        A plainly well-formed head takes `_plain_head`; anything else is
+        checked line by line, with the exact error.
+        """
+        plain = self._plain_head(data, pos, idx)
+        if plain is not None:
+            return plain
+        le, fields = self._split_head(data, pos, idx)
+        m = self._start_line.fullmatch(data, pos, le)
+        if m is None:
+            raise HeadError(self._error_status, self._bad_start_line)
+        return m, fields
+
+    def _plain_head(self, data, pos, idx):
         """(start line match, header fields) of a plainly well-formed head, else None.
 
-        ``line`` is the start line's pattern, which admits no control
+        ``_plain_line`` is the start line's pattern, which admits no control
         character; one match checks every header line (`_PLAIN_FIELDS`).
         """
+        line = self._plain_line
         le = data.find(b"\r\n", pos, idx)
         if le == -1:
             m = line.fullmatch(data, pos, idx)
@@ -765,16 +781,11 @@ class RequestParser(_Parser):
 
     _error_status = 400
     _too_large = 431
+    _start_line = _plain_line = _REQUEST_LINE  # (admits no control character)
+    _bad_start_line = "malformed request line"
 
     def _parse_head(self, data, pos, idx):
-        plain = self._plain_head(data, pos, idx, _REQUEST_LINE)
-        if plain is not None:
-            m, fields = plain
-        else:
-            le, fields = self._split_head(data, pos, idx)
-            m = _REQUEST_LINE.fullmatch(data, pos, le)
-            if m is None:
-                raise HeadError(400, "malformed request line")
+        m, fields = self._head_parts(data, pos, idx)
         method, target, version, major, minor = m.groups()
         if major != b"1":
             raise HeadError(505, "HTTP version not supported")
@@ -816,6 +827,8 @@ class ResponseParser(_Parser):
 
     _error_status = 502
     _too_large = 502
+    _start_line, _plain_line = _STATUS_LINE, _PLAIN_STATUS_LINE
+    _bad_start_line = "malformed status line"
 
     def __init__(self, max_head_size=DEFAULT_MAX_HEAD_SIZE, max_headers=DEFAULT_MAX_HEADERS):
         _Parser.__init__(self, max_head_size, max_headers)
@@ -831,14 +844,7 @@ class ResponseParser(_Parser):
         return len(self._methods)
 
     def _parse_head(self, data, pos, idx):
-        plain = self._plain_head(data, pos, idx, _PLAIN_STATUS_LINE)
-        if plain is not None:
-            m, fields = plain
-        else:
-            le, fields = self._split_head(data, pos, idx)
-            m = _STATUS_LINE.fullmatch(data, pos, le)
-            if m is None:
-                raise HeadError(502, "malformed status line")
+        m, fields = self._head_parts(data, pos, idx)
         version, major, code, reason = m.groups()
         if major != b"1":
             raise HeadError(502, "HTTP version not supported")
