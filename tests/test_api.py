@@ -241,6 +241,22 @@ class AuthTests(APITestCase):
             self.assertJSON(r, 401, '{"error":"PERMISSION_DENIED"}')
 
     @defer.inlineCallbacks
+    def test_disabled_account_is_refused_like_an_unknown_one(self):
+        yield self.put()
+        yield self.stack.accounts.set_disabled(self.account["id"], True, "spam")
+        r = yield self.request("GET", "/v1/tunnel/my-tunnel", token=self.token)
+        self.assertJSON(r, 401, '{"error":"PERMISSION_DENIED"}')
+        r = yield self.request("PUT", "/v1/tunnel/other-tunnel", json_body={}, token=self.token)
+        self.assertJSON(r, 401, '{"error":"PERMISSION_DENIED"}')
+        r = yield self.request("GET", "/v1/account/%s/token" % self.account["id"], token=None)
+        self.assertJSON(r, 403, '{"error":"PERMISSION_DENIED"}')
+        yield self.stack.accounts.set_disabled(self.account["id"], False)
+        r = yield self.request("GET", "/v1/tunnel/my-tunnel", token=self.token)
+        self.assertEqual(r.code, 200)
+        r = yield self.request("GET", "/v1/account/%s/token" % self.account["id"], token=None)
+        self.assertEqual(r.code, 201)
+
+    @defer.inlineCallbacks
     def test_token_forms(self):
         yield self.put()
         hr = model.format_account_id(self.account["id"])

@@ -92,7 +92,7 @@ class PublicAPI:
         if not credential:
             return None, json_response(request, 401, {"error": "AUTH_NO_TOKEN"})
         account = await self.accounts.get(credential)
-        if account is None:
+        if account is None or _disabled(account):
             return None, json_response(request, 401, {"error": "PERMISSION_DENIED"})
         return account, None
 
@@ -196,7 +196,7 @@ class PublicAPI:
 
     async def get_token(self, request, base, account_id):
         account = await self.accounts.get(account_id)
-        if account is None:
+        if account is None or _disabled(account):
             return json_response(request, 403, {"error": "PERMISSION_DENIED"})
         return json_response(request, 201, {"token": model.account_token(account["id"])})
 
@@ -254,3 +254,13 @@ class PublicAPI:
         except TunnelNotFound:
             return json_response(request, 404, {"error": "TUNNEL_NOT_FOUND"})
         return json_response(request, 200, {"result": bool(result)})
+
+
+def _disabled(account):
+    """A disabled account gets the answers of an unknown one (known-issues A4).
+
+    The original refuses only its tunnel connections; here it can no longer
+    fetch a token or manage tunnels either, and the exposr client handles
+    these answers as for a wrong account number.
+    """
+    return bool((account.get("status") or {}).get("disabled"))
