@@ -5,7 +5,9 @@ and the ``exposr`` client as subprocesses, then prints for the target reached
 directly and through the tunnel:
 
 * req/s and p50/p99 latency at 10 and 50 connections (``wrk --latency``),
-* MB/s of a 100 MB download (``curl -w '%{speed_download}'``),
+* MB/s of a 100 MB download (``curl -w '%{speed_download}'``), the median of
+  ``--downloads`` runs each way (default 3, direct and tunnel alternating: one
+  run varies by a factor of two on a shared 2-core machine),
 
 and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
 (``apt-get install -y wrk curl``).
@@ -24,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,6 +235,7 @@ def main():
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
     ap.add_argument("--profile-client", help="the same for the exposr client")
     ap.add_argument("--no-download", action="store_true", help="skip the 100 MB download")
+    ap.add_argument("--downloads", type=int, default=3, help="100 MB downloads each way (median, default 3)")
     args = ap.parse_args()
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
@@ -289,8 +293,10 @@ def main():
                 spy.wait()
             rows.append((c, d, t))
         if not args.no_download:
-            d_mb = download(direct_url + "big")
-            t_mb = download(tunnel_url + "big", host)
+            runs = [(download(direct_url + "big"), download(tunnel_url + "big", host))
+                    for _ in range(max(1, args.downloads))]
+            d_mb = statistics.median(d for d, _ in runs)
+            t_mb = statistics.median(t for _, t in runs)
 
         print(f"{'':14}{'direct':>22}{'tunnel':>22}{'ratio':>9}")
         for c, d, t in rows:
@@ -302,7 +308,7 @@ def main():
             if d["non2xx"] or t["non2xx"]:
                 print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
         if not args.no_download:
-            print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}")
+            print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}   (median of {len(runs)})")
         rss = 0
         with open(f"/proc/{server.pid}/status") as f:
             for line in f:

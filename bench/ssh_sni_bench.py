@@ -289,7 +289,7 @@ def main():
                     f"{dl['through WS'] / dl['direct']:.2f}")
 
         print("\nSNI (TLS)                    handshakes/s (+1 request, 10 parallel)   100 MB MB/s")
-        direct_host = f"localhost"
+        direct_host = "localhost"
         hs = {
             "TLS direct": handshakes(hs_js, https_port, direct_host, cert, seconds=seconds),
             "SNI + WS tunnel": handshakes(hs_js, sni_port, sni["wsbench"], cert, seconds=seconds),
