@@ -12,7 +12,6 @@ import re
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from exposr.ingress import httphead
 from tests import e2e_support as e2e
 from tests.e2e_support import within
 
@@ -478,7 +477,7 @@ class ProcessTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_slow_reader_does_not_grow_the_server(self):
-        resp = yield self.ask(b"/bytes/1000000")
+        yield self.ask(b"/bytes/1000000")
         before = e2e.rss_kb(self.server.pid)
         size = 300 * 1000 * 1000
         conn = yield e2e.raw_connect(self.port, keep_body=False)

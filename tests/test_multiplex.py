@@ -333,7 +333,7 @@ class OpenAndDataTests(SynchronousTestCase):
 
     def test_data_routed_by_dst_even_if_src_differs(self):
         lone = Lone(SERVER)
-        ch = record(lone.mux.open_channel(), lone.events)
+        record(lone.mux.open_channel(), lone.events)
         lone.mux.receive(encode(ACK, 1, 1))
         lone.mux.receive(encode(DATA, 1, 77, b"x"))
         self.assertEqual(lone.events[-1], ("data", 1, b"x"))
@@ -890,7 +890,8 @@ class MalformedInputTests(SynchronousTestCase):
 class TeardownTests(SynchronousTestCase):
     def test_teardown_closes_every_channel(self):
         p = Pair()
-        chans = [p.open() for _ in range(3)]
+        for _ in range(3):
+            p.open()
         opening = record(p.server.open_channel(), p.sev)
         p.server.teardown(m.ERR_WS_PING_TIMEOUT)
         closes = [e for e in p.sev if e[0] == "close"]
