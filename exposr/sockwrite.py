@@ -1,4 +1,4 @@
-"""Writing to a TCP socket now instead of at the next reactor turn.
+"""Writing to a TCP socket now instead of at the next reactor turn; TCP_NODELAY.
 
 A Twisted TCP transport buffers every ``write`` until the reactor finds the
 socket writable: an ``epoll_ctl`` to watch for writability, a reactor turn, a
@@ -33,3 +33,20 @@ def write_now(transport, data):
         data = data[sent:]
     # a partial send, or an error that Twisted's own write path reports
     transport.write(data)
+
+
+def no_delay(transport):
+    """Set TCP_NODELAY where the transport is a TCP socket.
+
+    A proxy's writes follow what its peers send: a response head, then its
+    body a moment later; a window adjust; a small TLS record. With Nagle's
+    algorithm the second small write waits until the first is acknowledged,
+    and the receiver delays that ACK by up to 40 ms, so every hop that relays
+    bytes as they come sets it.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except Exception:  # not a socket, or already closed
+            pass

@@ -8,8 +8,9 @@ client (`TunnelConnector`, or the `exposr` CLI as a subprocess).
 import json
 import os
 import re
+import socket
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, tcp
 from twisted.trial import unittest
 
 from tests import e2e_support as e2e
@@ -132,6 +133,26 @@ class ProxyTests(_Base):
             self.assertEqual((head.status, len(body)), (200, 100))
             self.assertFalse(head.keep_alive, head.raw)  # "Connection: close", or HTTP/1.0 without keep-alive
             yield within(conn.closed)
+
+    @defer.inlineCallbacks
+    def test_relaying_sockets_send_small_writes_at_once(self):
+        # A response head and its body (or a request head and its body)
+        # often come in separate writes. Every socket that relays them as
+        # they come has TCP_NODELAY: with Nagle the second write waited for
+        # the peer's delayed ACK, 40 ms per response (measured with wrk).
+        yield self.serve()
+        conn = yield e2e.raw_connect(self.server.port)
+        self.addCleanup(conn.transport.abortConnection)
+        conn.request(self.req(b"GET", b"/echo"))
+        yield conn.response()
+        public_port = conn.transport.getHost().port
+        sockets = [s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, tcp.Connection)]
+        ingress = [s for s in sockets if isinstance(s, tcp.Server) and s.getPeer().port == public_port]
+        to_target = [s for s in sockets if isinstance(s, tcp.Client) and s.getPeer().port == self.target.port]
+        self.assertEqual(len(ingress), 1)
+        self.assertTrue(to_target)
+        for s in ingress + to_target:
+            self.assertTrue(s.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), s)
 
     @defer.inlineCallbacks
     def test_chunked_upload_50mb(self):

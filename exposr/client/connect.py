@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
-from exposr.sockwrite import write_now
+from exposr.sockwrite import no_delay, write_now
 from exposr.transport import multiplex, wsframes
 
 log = Logger(namespace="exposr.client")
@@ -80,6 +80,9 @@ class _Target(Protocol):
         self.splice = splice
 
     def connectionMade(self):
+        # requests are relayed as they come (a head, then its body): Nagle
+        # would hold the second write for the target's delayed ACK (40 ms)
+        no_delay(self.transport)
         self.splice.target_up(self)
 
     def dataReceived(self, data):
@@ -249,10 +252,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         # autobahn tries TCP_NODELAY before its options are copied from the
         # factory, and silently fails: small PAUSE/RESUME/ACK frames then
         # wait ~40 ms for delayed ACKs
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass
+        no_delay(self.transport)
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.CLIENT, clock=self.clock)
         self.mux.on_incoming = self._incoming
         self.mux.on_teardown = self._teardown

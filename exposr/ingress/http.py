@@ -22,7 +22,7 @@ from zope.interface import implementer
 from exposr import errors
 from exposr.log import AccessLog
 from exposr.ingress import forwarding, httphead
-from exposr.sockwrite import write_now
+from exposr.sockwrite import no_delay, write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
 log = Logger(namespace="exposr.ingress.http")
@@ -426,6 +426,9 @@ class IngressSession(protocol.Protocol):
         # the socket (`write_now`), so the backlog only grows once the
         # kernel's send buffer is full, and pausing then is what a slow
         # reader must get.
+        # Responses are relayed as they come (a head, then its body): Nagle
+        # would hold the second write for the client's delayed ACK (40 ms)
+        no_delay(self.transport)
         self.gate = _Gate(self.transport)
         self.upstream_reader = _ReasonProducer(self.gate, "upstream")
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")

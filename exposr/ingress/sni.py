@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from exposr.errors import ExposrError
 from exposr.ingress.clienthello import DEFAULT_MAX_SIZE, ClientHelloError, ClientHelloParser
+from exposr.sockwrite import no_delay
 
 log = Logger(namespace="exposr.ingress.sni")
 
@@ -191,7 +192,7 @@ class SNIProtocol(Protocol):
         f = self.factory
         f.connections.add(self)
         self.peer = self.transport.getPeer()
-        _no_delay(self.transport)
+        no_delay(self.transport)  # small TLS records go out at once
         self._parser = ClientHelloParser(max_size=f.max_hello_size)
         clock = f.reactor
         self._timers = [
@@ -427,17 +428,6 @@ class SNIProtocol(Protocol):
 
     def _internal_error(self, failure):
         self._fail(f"internal error: {_reason_text(failure)}", abort=True, level="error")
-
-
-def _no_delay(transport):
-    """TCP_NODELAY: small TLS records (handshake, interactive traffic) go out
-    at once instead of waiting for the peer's delayed ACK (Nagle)."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except Exception:  # not a socket, or already closed
-            pass
 
 
 @implementer(IPushProducer)

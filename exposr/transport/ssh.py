@@ -54,6 +54,7 @@ from exposr.errors import (
 )
 from exposr.interfaces import ITunnelConnection
 from exposr.listen import tcp_endpoint
+from exposr.sockwrite import no_delay
 from exposr.transport.ssh_target import (
     TLS_SCHEMES,
     forward_target,
@@ -322,12 +323,7 @@ class _ServerTransport(sshtransport.SSHServerTransport):
         self._grace_call = svc.reactor.callLater(svc.login_grace, self._grace_expired)
         # window adjusts and keep-alives are small packets: never hold them
         # back for the peer's delayed ACK (Nagle), or streams stall ~40 ms
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except Exception:
-                pass
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
         sshtransport.SSHServerTransport.connectionMade(self)
 

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.interfaces import ITunnelConnection
-from exposr.sockwrite import write_now
+from exposr.sockwrite import no_delay, write_now
 from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
@@ -82,10 +82,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self.peer = self._peer_ip
         # autobahn tries TCP_NODELAY before its options are set and fails
         # silently: small PAUSE/RESUME/OPEN frames then wait for delayed ACKs
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass
+        no_delay(self.transport)
         clock = self.service.clock
         self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
         self.mux.on_teardown = self._on_teardown
