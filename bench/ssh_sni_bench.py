@@ -12,12 +12,11 @@ then prints:
   through the SNI ingress + WS tunnel (and + SSH tunnel);
 * ratios tunnel/direct, and exposrd RSS.
 
-    .venv/bin/python bench/ssh_sni_bench.py [seconds-per-wrk-run] [--ws-nodelay]
+    .venv/bin/python bench/ssh_sni_bench.py [seconds-per-wrk-run] [--prelude=FILE]
 
-``--ws-nodelay`` runs exposrd with TCP_NODELAY set on the server side of every
-tunnel WebSocket (a patch applied at start-up, the fix proposed for
-exposr/transport/ws.py): small PAUSE/RESUME/OPEN frames otherwise wait for
-the client's delayed ACK (~40 ms, Nagle).
+``--prelude=FILE`` runs the Python code in FILE inside exposrd before it
+starts: a way to try a patch (a monkeypatch of a method, say) against the
+code as it is, with the same bench.
 
 Needs node, wrk, curl and ssh on PATH.
 """
@@ -195,19 +194,9 @@ def rss_mb(pid):
     return 0.0
 
 
-WS_NODELAY = """
-from exposr.transport import ws
-_on_open = ws.TunnelWebSocket.onOpen
-def onOpen(self):
-    self.transport.setTcpNoDelay(True)
-    return _on_open(self)
-ws.TunnelWebSocket.onOpen = onOpen
-"""
-
-
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    ws_nodelay = "--ws-nodelay" in sys.argv
+    preludes = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--prelude=")]
     seconds = int(args[0]) if args else 5
     for tool in ("node", "wrk", "curl", "ssh"):
         if shutil.which(tool) is None:
@@ -235,7 +224,7 @@ def main():
 
         api, ssh_port, sni_port = free_port(), free_port(), free_port()
         log = open(os.path.join(tmp, "exposrd.log"), "wb")
-        prelude = WS_NODELAY if ws_nodelay else ""
+        prelude = "".join(open(path).read() + "\n" for path in preludes)
         server = start([PY, "-c", prelude + "from exposr.script import main; main()",
                         "--allow-registration", "--listen-address", "127.0.0.1",
                         "--api-port", str(api), "--ingress-http-port", str(api),
@@ -274,7 +263,7 @@ def main():
 
         rss_start = rss_mb(server.pid)
         print(f"exposrd {server.pid}: RSS {rss_start:.1f} MB after start; {os.cpu_count()} CPUs; "
-              f"wrk {seconds} s per run{'; WS TCP_NODELAY patched in' if ws_nodelay else ''}\n")
+              f"wrk {seconds} s per run{'; prelude: ' + ', '.join(preludes) if preludes else ''}\n")
 
         rows = []
         print("100 MB download (curl)        MB/s")
