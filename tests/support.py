@@ -164,3 +164,24 @@ class HTTPServer:
 
 def bearer(account_id):
     return base64.b64encode(account_id.encode("ascii")).decode("ascii")
+
+
+JSON = "application/json; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
+
+
+class ResponseAssertions:
+    """Mixin for TestCases checking `HTTPServer` responses: status, content type, body."""
+
+    def assertJSON(self, response, code, body):
+        self.assertEqual(response.code, code, response)
+        self.assertEqual(response.content_type, JSON)
+        if isinstance(body, str):
+            self.assertEqual(response.body.decode("utf-8"), body)
+        else:
+            self.assertEqual(response.json(), body)
+
+    def assertText(self, response, code, text):
+        self.assertEqual(response.code, code, response)
+        self.assertEqual(response.content_type, TEXT)
+        self.assertEqual(response.body, text.encode("ascii"))

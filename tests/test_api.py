@@ -11,11 +11,10 @@ from exposr import model
 from exposr.api.public import PublicAPI
 from exposr.storage.base import StorageError, StorageUnavailable
 from exposr.tunnels import NoAltNames
-from tests.support import FailingStorage, FakeConnection, HTTPServer, Stack, bearer, make_config
+from tests.support import (JSON, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions, Stack,
+                           bearer, make_config)
 from exposr.storage.memory import MemoryStorage
 
-JSON = "application/json; charset=utf-8"
-TEXT = "text/plain; charset=utf-8"
 FINGERPRINT = "SHA256:UglB7zHPJUjlpjwE2mvfg+/pVBTYzprWIM8ID6fCwcs"
 
 # Recorded bodies (vectors/session-rest.txt) with the token as {t}; the
@@ -48,7 +47,7 @@ def fill(template, token, created_at, connected_at=None):
     return body + ',"created_at":"%s"}' % (created_at,)
 
 
-class APITestCase(unittest.TestCase):
+class APITestCase(ResponseAssertions, unittest.TestCase):
     config_overrides = {}
     altnames = None
 
@@ -66,19 +65,6 @@ class APITestCase(unittest.TestCase):
         self.request = self.server.request
         self.account = yield self.stack.accounts.create()
         self.token = bearer(self.account["id"])
-
-    def assertJSON(self, response, code, body):
-        self.assertEqual(response.code, code, response)
-        self.assertEqual(response.content_type, JSON)
-        if isinstance(body, str):
-            self.assertEqual(response.body.decode("utf-8"), body)
-        else:
-            self.assertEqual(response.json(), body)
-
-    def assertText(self, response, code, text):
-        self.assertEqual(response.code, code, response)
-        self.assertEqual(response.content_type, TEXT)
-        self.assertEqual(response.body, text.encode("ascii"))
 
     def assertBadInput(self, response, field):
         self.assertJSON(response, 400, {"error": "BAD_INPUT", "field": field})

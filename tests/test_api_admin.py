@@ -10,10 +10,9 @@ from exposr.api.admin import AdminAPI, AdminInterface, Readiness, admin_resource
 from exposr.node import Node
 from exposr.storage.base import StorageUnavailable
 from exposr.storage.memory import MemoryStorage
-from tests.support import NODE_ID, FailingStorage, FakeConnection, HTTPServer, Stack, make_config
+from tests.support import (JSON, NODE_ID, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions,
+                           Stack, make_config)
 
-JSON = "application/json; charset=utf-8"
-TEXT = "text/plain; charset=utf-8"
 KEY = "s3cret-admin-key"
 
 
@@ -21,22 +20,7 @@ def key_header(key=KEY):
     return {"authorization": "Bearer " + base64.b64encode(key.encode()).decode()}
 
 
-class Helpers:
-    def assertJSON(self, response, code, body):
-        self.assertEqual(response.code, code, response)
-        self.assertEqual(response.content_type, JSON)
-        if isinstance(body, str):
-            self.assertEqual(response.body.decode("utf-8"), body)
-        else:
-            self.assertEqual(response.json(), body)
-
-    def assertText(self, response, code, text):
-        self.assertEqual(response.code, code, response)
-        self.assertEqual(response.content_type, TEXT)
-        self.assertEqual(response.body, text.encode("ascii"))
-
-
-class InterfaceTests(Helpers, unittest.TestCase):
+class InterfaceTests(ResponseAssertions, unittest.TestCase):
     def setUp(self):
         self.readiness = Readiness()
         self.server = HTTPServer(self, AdminInterface(self.readiness).resource())
@@ -68,7 +52,7 @@ class InterfaceTests(Helpers, unittest.TestCase):
         self.assertEqual(r.code, 200)
 
 
-class AdminAPITestCase(Helpers, unittest.TestCase):
+class AdminAPITestCase(ResponseAssertions, unittest.TestCase):
     config_overrides = {"admin_api_key": KEY}
 
     @defer.inlineCallbacks
@@ -389,7 +373,7 @@ class ClusterTests(AdminAPITestCase):
         }]})
 
 
-class SharedPortTests(Helpers, unittest.TestCase):
+class SharedPortTests(ResponseAssertions, unittest.TestCase):
     """D1: interface and API on one port, routed by path."""
 
     @defer.inlineCallbacks
