@@ -180,6 +180,14 @@ class PublicAPI:
             return None, error
         return await self._account(request)
 
+    async def _update_caller(self, request, tunnel_id):
+        """The checked changes of a PUT/PATCH body (before authentication), then the caller's account."""
+        changes, error = self._parse_update(request, tunnel_id)
+        if error is not None:
+            return None, None, error
+        account, error = await self._account(request)
+        return changes, account, error
+
     # -- routes --------------------------------------------------------------
 
     async def create_account(self, request, base):
@@ -201,10 +209,7 @@ class PublicAPI:
         return json_response(request, 201, {"token": model.account_token(account["id"])})
 
     async def put_tunnel(self, request, base, tunnel_id):
-        changes, error = self._parse_update(request, tunnel_id)
-        if error is not None:
-            return error
-        account, error = await self._account(request)
+        changes, account, error = await self._update_caller(request, tunnel_id)
         if error is not None:
             return error
         tunnel = await self.tunnels.get(tunnel_id)
@@ -216,10 +221,7 @@ class PublicAPI:
         return await self._apply(request, base, tunnel_id, account, changes, 403)
 
     async def patch_tunnel(self, request, base, tunnel_id):
-        changes, error = self._parse_update(request, tunnel_id)
-        if error is not None:
-            return error
-        account, error = await self._account(request)
+        changes, account, error = await self._update_caller(request, tunnel_id)
         if error is not None:
             return error
         return await self._apply(request, base, tunnel_id, account, changes, 404)
