@@ -61,6 +61,34 @@ class Collect(protocol.ProcessProtocol):
         self.ended.callback(self.status)
 
 
+class _Run(protocol.ProcessProtocol):
+    def __init__(self, stdin):
+        self.stdin = stdin
+        self.out, self.err = [], []
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        if self.stdin:
+            self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.out.append(data)
+
+    def errReceived(self, data):
+        self.err.append(data)
+
+    def processEnded(self, reason):
+        self.done.callback((reason.value.exitCode, b"".join(self.out), b"".join(self.err)))
+
+
+def run(argv, timeout=30, *, stdin=b""):
+    """(exit code, stdout, stderr) of a short-lived command (curl, openssl, ssh), bounded."""
+    proc = _Run(stdin)
+    reactor.spawnProcess(proc, "/usr/bin/timeout", ["timeout", str(timeout), *argv], env=os.environ)
+    return proc.done.addTimeout(timeout + 5, reactor)
+
+
 def spawn(args, environ=None, executable=None):
     """Run `python -m ...`-style argv from the venv; returns (protocol, transport)."""
     proto = Collect()

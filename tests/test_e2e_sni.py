@@ -23,6 +23,7 @@ from exposr.ingress.certificate import make_tls_options
 from exposr.ingress.sni import Route
 from tests import e2e_support as e2e
 from tests import procs
+from tests.procs import run
 from tests.e2e_support import within
 from tests.test_certificate import cert_pem, make_cert, replace_atomically, write_pair
 from tests.test_clienthello import python_hello, records
@@ -30,34 +31,6 @@ from tests.test_e2e_ssh import CURL, LogWatch, new_tunnel, ssh_server, ssh_tunne
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 DOMAIN = "example.test"
-
-
-def run(argv, stdin=b"", timeout=30):
-    """(exit code, stdout, stderr) of a short-lived command, bounded."""
-    proc = _Run(stdin)
-    reactor.spawnProcess(proc, "/usr/bin/timeout", ["timeout", str(timeout), *argv], env=os.environ)
-    return within(proc.done, timeout + 5)
-
-
-class _Run(protocol.ProcessProtocol):
-    def __init__(self, stdin):
-        self.stdin = stdin
-        self.out, self.err = [], []
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        if self.stdin:
-            self.transport.write(self.stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data):
-        self.out.append(data)
-
-    def errReceived(self, data):
-        self.err.append(data)
-
-    def processEnded(self, reason):
-        self.done.callback((reason.value.exitCode, b"".join(self.out), b"".join(self.err)))
 
 
 @implementer(IHandshakeListener)

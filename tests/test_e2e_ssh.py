@@ -7,13 +7,14 @@ the real OpenSSH client; the public side is a raw HTTP client or curl.
 Waiting is always on a Deferred with a bounded timeout.
 """
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -21,6 +22,8 @@ from exposr.client.rest import ApiClient
 from tests import e2e_support as e2e
 from tests import procs
 from tests.e2e_support import within
+
+run = functools.partial(procs.run, timeout=60)  # (exit code, stdout, stderr), bounded
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 CURL = shutil.which("curl") or "/usr/bin/curl"
@@ -59,31 +62,6 @@ def ssh_tunnel(testcase, info, forward, *extra, loglevel="ERROR"):
     """``ssh -N -R <forward> <transport.ssh.url>`` with the URL the API gave."""
     ssh = info["transport"]["ssh"]
     return spawn_ssh(testcase, *ssh_options(ssh["port"], loglevel), "-N", "-R", forward, *extra, ssh["url"])
-
-
-def run(argv, timeout=60):
-    """(exit code, stdout, stderr) of a short-lived command, bounded."""
-    proc = _Run()
-    reactor.spawnProcess(proc, "/usr/bin/timeout", ["timeout", str(timeout), *argv], env=os.environ)
-    return within(proc.done, timeout + 5)
-
-
-class _Run(protocol.ProcessProtocol):
-    def __init__(self):
-        self.out, self.err = [], []
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.closeStdin()
-
-    def outReceived(self, data):
-        self.out.append(data)
-
-    def errReceived(self, data):
-        self.err.append(data)
-
-    def processEnded(self, reason):
-        self.done.callback((reason.value.exitCode, b"".join(self.out), b"".join(self.err)))
 
 
 class LogWatch:
@@ -363,7 +341,7 @@ class MemoryTests(unittest.TestCase):
         @defer.inlineCallbacks
         def fetch(size):
             code, out, err = yield run([CURL, "-sS", "-o", "/dev/null", "--resolve", resolve,
-                                        "-w", "%{http_code} %{size_download}", f"http://{host}/bytes/{size}"], 100)
+                                        "-w", "%{http_code} %{size_download}", f"http://{host}/bytes/{size}"], timeout=100)
             return code, out, err
 
         code, out, err = yield fetch(1_000_000)  # warm up

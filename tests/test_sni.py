@@ -1,5 +1,6 @@
 """Tests of exposr.ingress.sni: real sockets on port 0, real TLS clients."""
 
+import functools
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from zope.interface import implementer
 from exposr.ingress.certificate import CertificateWatcher, make_tls_options
 from exposr.ingress.clienthello import ClientHelloParser
 from exposr.ingress.sni import Route, SNIIngressFactory, SNIRefused, tunnel_id_from_server_name
+from tests import procs
 from tests.test_certificate import LogCapture, cert_pem, make_cert, replace_atomically, write_pair
 from tests.test_clienthello import python_hello, records, unwrap
 
@@ -136,32 +138,7 @@ def raw_client(port, data, timeout=10):
         sock.close()
 
 
-class _Process(protocol.ProcessProtocol):
-    def __init__(self, stdin):
-        self.stdin = stdin
-        self.out = b""
-        self.err = b""
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        if self.stdin:
-            self.transport.write(self.stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data):
-        self.out += data
-
-    def errReceived(self, data):
-        self.err += data
-
-    def processEnded(self, reason):
-        self.done.callback((self.out, self.err, reason.value.exitCode))
-
-
-def run(argv, stdin=b"", timeout=15):
-    proto = _Process(stdin)
-    reactor.spawnProcess(proto, "/usr/bin/timeout", ["timeout", str(timeout), *argv], env=os.environ)
-    return proto.done
+run = functools.partial(procs.run, timeout=15)  # (exit code, stdout, stderr), bounded
 
 
 # -- tests -------------------------------------------------------------------------
@@ -269,7 +246,7 @@ class RealClientTests(SNITestBase):
         if shutil.which("openssl") is None:
             raise unittest.SkipTest("openssl not installed")
         request = b"GET /s_client HTTP/1.0\r\nHost: t1.example.test\r\n\r\n"
-        out, err, code = yield run(
+        code, out, err = yield run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{self.port}",
              "-servername", "t1.example.test", "-CAfile", self.cert_path,
              "-verify_return_error", "-quiet", "-ign_eof"],
@@ -283,7 +260,7 @@ class RealClientTests(SNITestBase):
     def test_openssl_s_client_unknown_tunnel(self):
         if shutil.which("openssl") is None:
             raise unittest.SkipTest("openssl not installed")
-        out, err, code = yield run(
+        code, out, err = yield run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{self.port}",
              "-servername", "nope.example.test", "-ign_eof"],
         )
