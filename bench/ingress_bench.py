@@ -25,6 +25,7 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 
 from exposr import config as config_mod, log  # noqa: E402
 from exposr.ingress.http import HTTPIngress  # noqa: E402
+from exposr.router import Router  # noqa: E402
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.example.com:8080\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
@@ -34,6 +35,9 @@ RECORD = {"id": "bench", "account": "A", "target": {"url": "http://127.0.0.1:300
 
 
 class _Tunnels:
+    def on_change(self, callback):
+        pass
+
     def get(self, tunnel_id):
         return RECORD if tunnel_id == "bench" else None
 
@@ -60,6 +64,9 @@ class _Registry:
     def __init__(self):
         self.conn = _Connection()
 
+    def on_change(self, callback):
+        pass
+
     def is_connected(self, tunnel_id):
         return True
 
@@ -81,7 +88,7 @@ def main():
     clock = task.Clock()
     config = config_mod.Config(ingress_http_url="http://example.com:8080")
     registry = _Registry()
-    ingress = HTTPIngress(config, _Tunnels(), registry, "node", clock)
+    ingress = HTTPIngress(config, Router(_Tunnels(), registry, clock), "node", clock)
     session = ingress.session()
     public = _Public()
     public.written = 0

@@ -21,14 +21,15 @@ CREATE_ATTEMPTS = 101
 
 class AccountService:
     """
-    Accounts over an `IStorage`. ``tunnels`` (a `TunnelService`) is attached
-    by the tunnel service's constructor; deletion and disabling use it.
+    Account records over an `IStorage`. What also concerns an account's
+    tunnels (deleting them with the account, disconnecting them when the
+    account is disabled) is `TunnelService.delete_account` and
+    `TunnelService.set_account_disabled`, built on this.
     """
 
     def __init__(self, storage, clock, randbytes=os.urandom):
         self.storage = storage
         self.clock = clock
-        self.tunnels = None
         self._randbytes = randbytes
 
     def _now(self):
@@ -83,9 +84,8 @@ class AccountService:
     @defer.inlineCallbacks
     def set_disabled(self, account_id, disabled, reason=None):
         """
-        Disable (with an optional reason) or enable an account. Disabling
-        disconnects every tunnel of the account. The updated account, or None
-        when it does not exist.
+        Disable (with an optional reason) or enable an account record. The
+        updated account, or None when it does not exist.
         """
         now = self._now()
 
@@ -103,15 +103,7 @@ class AccountService:
                 status.pop("disabled_reason", None)
             return record
 
-        record = yield self._update(account_id, change)
-        if record is not None and disabled and self.tunnels is not None:
-            for tunnel_id in list(record["tunnels"]):
-                try:
-                    yield self.tunnels.disconnect(tunnel_id)
-                except Exception:
-                    log.error("Could not disconnect tunnel {tunnel_id}: {error}", tunnel_id=tunnel_id,
-                              error=model.describe_error())
-        return record
+        return (yield self._update(account_id, change))
 
     def add_tunnel(self, account_id, tunnel_id):
         """Append a tunnel id to the account's list if absent (A8). None if no account."""
@@ -134,25 +126,8 @@ class AccountService:
         return self._update(account_id, change)
 
     @defer.inlineCallbacks
-    def delete(self, account_id):
-        """
-        Delete an account and all its tunnels. True when deleted, False when
-        the account does not exist.
-        """
-        record = yield self.get(account_id)
-        if record is None:
-            return False
-        canonical = record["id"] if "id" in record else model.normalize_account_id(account_id)
-        if self.tunnels is not None:
-            for tunnel_id in list(record["tunnels"]):
-                try:
-                    yield self.tunnels.delete(tunnel_id, canonical, update_account=False)
-                except Exception:
-                    log.warn(
-                        "Could not delete tunnel {tunnel_id}: {error}",
-                        tunnel_id=tunnel_id,
-                        error=model.describe_error(),
-                    )
+    def delete(self, canonical):
+        """Delete an account record (its canonical number). True when deleted."""
         deleted = yield self.storage.delete(NS, canonical)
         if deleted:
             log.info("Account deleted")

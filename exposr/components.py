@@ -1,11 +1,13 @@
 """Wiring: the one place that knows every wing (transports, ingresses, APIs).
 
-`build(server)` creates storage, the domain services, the listeners and the
-transports for the server's `Config` and attaches them to the root service in
-start-up order (storage first, so that it stops last).
+`build(config, reactor, node, readiness)` creates storage, the domain
+services, the router, the transports, ingresses, APIs and listeners for a
+`Config`, each given its collaborators in its constructor, and returns them as
+`Parts` (the services in start-up order); the root service adds them.
 """
 
-from twisted.internet import defer
+import attrs
+from twisted.application.service import MultiService
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -15,9 +17,10 @@ from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_nod
 from exposr.api.common import MAX_BODY
 from exposr.api.public import PublicAPI
 from exposr.connections import ConnectionRegistry
-from exposr.endpoint import TunnelEndpoint
 from exposr.listen import Listener, tcp_endpoint
 from exposr.listener import Door
+from exposr.log import AccessLog
+from exposr.router import Router
 from exposr.storage import storage_from_url
 from exposr.tunnels import TunnelService
 
@@ -51,33 +54,58 @@ class _QuietSite(Site):
         pass
 
 
-def build(server):
-    config = server.config
-    reactor = server.reactor
-    node = server.node
-    server.start_hooks = []
-    server.stop_hooks = []
+@attrs.define(eq=False)
+class Parts:
+    """What `build` makes: every part of one server, and the order of its life.
 
+    ``services`` are the root's children in start-up order (storage first,
+    so that it stops last); ``start_hooks`` run once storage is open and
+    before anything listens; ``stop_hooks`` run first at shutdown.
+    """
+
+    storage: object
+    accounts: object
+    tunnels: object
+    registry: object
+    router: object
+    http_ingress: object = None
+    ssh: object = None
+    listeners: dict = attrs.Factory(dict)
+    services: list = attrs.Factory(list)
+    start_hooks: list = attrs.Factory(list)
+    stop_hooks: list = attrs.Factory(list)
+
+    def add_listener(self, listener):
+        self.listeners[listener.name] = listener
+        self.services.append(listener)
+
+
+def build(config, reactor, node, readiness):
+    """Every part of the server for a `Config`, wired through constructors."""
     storage = storage_from_url(config.storage_url, reactor, pool_size=config.storage_pgsql_connection_pool_size)
-    storage.setServiceParent(server)
-    server.storage = storage
+    listeners = {}
+    sni = SNICertificates(config, reactor, listeners) if config.sni_ingress_enabled else None
 
     accounts = AccountService(storage, reactor)
     altnames = _altnames(config, storage, reactor)
-    tunnels = TunnelService(config, storage, accounts, reactor, altnames=altnames)
-    registry = ConnectionRegistry(config, tunnels, node.id, reactor)
-    registry.setServiceParent(server)
-    server.accounts, server.tunnels, server.registry = accounts, tunnels, registry
-    server.stop_hooks.append(registry.stop)
+    registry = ConnectionRegistry(config, node.id, reactor)
+    tunnels = TunnelService(
+        config, storage, accounts, registry, reactor, altnames=altnames,
+        sni_url_for=sni.url if sni is not None else None,
+    )
+    router = Router(tunnels, registry, reactor, altnames=altnames)
+    parts = Parts(storage, accounts, tunnels, registry, router, listeners=listeners)
+    parts.services += [storage, registry]
+    parts.stop_hooks.append(registry.stop)
 
     ssh = None
     if config.ssh_transport_enabled:
         from exposr.transport.ssh import SSHTransportService
 
         ssh = SSHTransportService(config, tunnels, registry, node.id, reactor)
-        ssh.setServiceParent(server)
-        server.start_hooks.append(ssh.listen)
-    server.ssh = ssh
+        parts.services.append(ssh)
+        parts.start_hooks.append(ssh.listen)
+    parts.ssh = ssh
     fingerprint = (lambda: ssh.fingerprint) if ssh is not None else None
     ssh_port = (lambda: ssh.port) if ssh is not None else None
 
@@ -88,32 +116,35 @@ def build(server):
     if config.ws_transport_enabled:
         from exposr.transport.ws import WSTransport
 
-        ws = WSTransport(reactor, registry, node.id)
+        ws = WSTransport(reactor, tunnels, node.id)
 
     ingress = None
     if config.http_ingress_enabled:
         from exposr.ingress.http import HTTPIngress
 
-        ingress = HTTPIngress(config, tunnels, registry, node.id, reactor, altnames=altnames)
-    server.http_ingress = ingress
+        ingress = HTTPIngress(config, router, node.id, reactor, access_log=AccessLog("exposr.ingress.http.access"))
+    parts.http_ingress = ingress
 
     address = config.listen_address
     shared = config.ingress_http_port == config.api_port
     door = Door(config, reactor, site, ingress=ingress if shared else None, ws=ws, tunnels=tunnels)
-    server.add_listener(Listener("api", tcp_endpoint(reactor, config.api_port, address), door))
+    parts.add_listener(Listener("api", tcp_endpoint(reactor, config.api_port, address), door))
     if ingress is not None and not shared:
         ingress_door = Door(config, reactor, None, ingress=ingress, ws=None, tunnels=tunnels)
-        server.add_listener(
+        parts.add_listener(
             Listener("ingress-http", tcp_endpoint(reactor, config.ingress_http_port, address), ingress_door)
         )
 
-    if config.sni_ingress_enabled:
-        sni = _SNIWiring(server, config, tunnels, registry, reactor)
-        server.start_hooks.append(sni.start)
-        server.stop_hooks.append(lambda: [c.shut_down() for c in list(sni.factory.connections)])
-        server.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), sni.factory))
+    if sni is not None:
+        from exposr.ingress.sni import SNIIngressFactory, router_resolver
 
-    interface = AdminInterface(server.readiness) if config.admin_enable else None
+        factory = SNIIngressFactory(router_resolver(router), sni, reactor)
+        parts.services.append(sni)
+        parts.start_hooks.append(sni.load)
+        parts.stop_hooks.append(lambda: [c.shut_down() for c in list(factory.connections)])
+        parts.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), factory))
+
+    interface = AdminInterface(readiness) if config.admin_enable else None
     admin_api = None
     if config.admin_api_enable:
         admin_api = AdminAPI(
@@ -122,73 +153,66 @@ def build(server):
             ssh_fingerprint=fingerprint, ssh_port=ssh_port,
         )
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
-        server.add_listener(
+        parts.add_listener(
             Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
                      _QuietSite(admin_resource(interface, admin_api)))
         )
     else:
         if interface is not None:
-            server.add_listener(
+            parts.add_listener(
                 Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
                          _QuietSite(admin_resource(interface, None)))
             )
         if admin_api is not None:
-            server.add_listener(
+            parts.add_listener(
                 Listener("admin-api", tcp_endpoint(reactor, config.admin_api_port, address),
                          _QuietSite(admin_resource(None, admin_api)))
             )
+    return parts
 
 
 @implementer(IOpenSSLServerConnectionCreator)
-class _SNIWiring:
-    """SNI ingress: the certificate (loaded at start, so a bad one fails start-up
-    with one line), the routing of a server name to a tunnel endpoint."""
+class SNICertificates(MultiService):
+    """The SNI ingress's wildcard certificate and the URLs it gives tunnels.
 
-    def __init__(self, server, config, tunnels, registry, reactor):
-        from exposr.ingress.sni import SNIIngressFactory
+    The certificate is loaded by `load` (a start hook, so a bad one fails
+    start-up with one line) and watched for changes by a child service.
+    ``url(tunnel_id)`` is the ``ingress.sni.url`` of a tunnel (None before the
+    certificate is loaded); its port is the configured one, or the bound one
+    of the ``ingress-sni`` listener in ``listeners`` for port 0.
+    """
 
-        self.server = server
+    def __init__(self, config, reactor, listeners):
+        MultiService.__init__(self)
         self.config = config
-        self.tunnels = tunnels
-        self.registry = registry
         self.reactor = reactor
+        self.listeners = listeners
         self.watcher = None
-        self.factory = SNIIngressFactory(self.resolve, self, reactor)
 
-    def start(self):
+    def load(self):
         from exposr.ingress.certificate import CertificateWatcher
 
         config = self.config
         self.watcher = CertificateWatcher(
             config.ingress_sni_cert, config.ingress_sni_key, self.reactor, sni_host=config.ingress_sni_host
         )
-        self.watcher.setServiceParent(self.server)
-        self.tunnels.sni_url_for = lambda tunnel_id: self.watcher.url(tunnel_id, self.port())
+        self.watcher.setServiceParent(self)
+
+    def url(self, tunnel_id):
+        if self.watcher is None:
+            return None
+        return self.watcher.url(tunnel_id, self.port())
 
     def port(self):
         """The advertised SNI port: the configured one, or the bound one for port 0."""
         port = self.config.ingress_sni_port
-        listener = self.server.listeners.get("ingress-sni")
+        listener = self.listeners.get("ingress-sni")
         if port == 0 and listener is not None and listener.address is not None:
             port = listener.address.port
         return port
 
     def serverConnectionForTLS(self, tlsProtocol):
         return self.watcher.serverConnectionForTLS(tlsProtocol)
-
-    @defer.inlineCallbacks
-    def resolve(self, tunnel_id):
-        from exposr.ingress.sni import Route, SNIRefused
-
-        tunnel = yield self.tunnels.get(tunnel_id)
-        if tunnel is None:
-            raise SNIRefused(f"unknown tunnel {tunnel_id}")
-        sni = tunnel.get("ingress", {}).get("sni", {})
-        if not sni.get("enabled"):
-            raise SNIRefused(f"SNI ingress not enabled for {tunnel_id}")
-        if not self.registry.is_connected(tunnel_id):
-            raise SNIRefused(f"tunnel {tunnel_id} is not connected")
-        return Route(TunnelEndpoint(self.registry, tunnel_id), passthrough=bool(sni.get("passthrough")))
 
 
 def _altnames(config, storage, reactor):

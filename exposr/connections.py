@@ -10,8 +10,9 @@ here is stored.
 import uuid
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -122,27 +123,29 @@ class _TunnelState:
         self.ever_connected = False
 
 
-class ConnectionRegistry(Service):
+class ConnectionRegistry(MultiService):
     """
-    ``ConnectionRegistry(config, tunnels, node_id, clock)``; attaches itself to
-    ``tunnels.registry``. A Service: `startService` starts the expiry sweep,
-    `stopService` calls `stop`.
+    ``ConnectionRegistry(config, node_id, clock)``: connection state only; it
+    knows no tunnel records (`TunnelService.register` checks the tunnel and its
+    account, then calls `add`). A service: the expiry sweep is a child
+    `TimerService` every `REFRESH_INTERVAL`; stopping disconnects every local
+    connection.
     """
 
     name = "connections"
 
-    def __init__(self, config, tunnels, node_id, clock):
+    def __init__(self, config, node_id, clock):
+        MultiService.__init__(self)
         self.config = config
-        self.tunnels = tunnels
         self.node_id = node_id
         self.clock = clock
         self.stopping = False
         self.remote_opener = None
         self._tunnels = {}
         self._listeners = []
-        self._sweep = None
-        if tunnels is not None:
-            tunnels.registry = self
+        sweep = TimerService(REFRESH_INTERVAL, self._sweep)
+        sweep.clock = clock
+        sweep.setServiceParent(self)
 
     def _now_ms(self):
         return epoch_ms(self.clock.seconds())
@@ -225,23 +228,15 @@ class ConnectionRegistry(Service):
 
     # -- local connections -------------------------------------------------
 
-    @defer.inlineCallbacks
-    def register(self, conn, account_id):
+    def add(self, conn):
         """
-        Register a local `ITunnelConnection` for the account that authorised it.
-        Refused (False) while stopping, when the tunnel does not exist or is
-        not the account's, or when the cluster-wide limit is reached. On
-        success the tunnel's connection token is rotated.
+        Add a local `ITunnelConnection` whose tunnel and account were checked
+        by the caller. Refused (False) while stopping or when the cluster-wide
+        limit of connections of the tunnel is reached.
         """
         if self.stopping:
             return False
         tunnel_id = conn.tunnel_id
-        tunnel = yield self.tunnels.get(tunnel_id)
-        if tunnel is None or tunnel.get("account") != account_id:
-            return False
-        # re-check synchronously: other registrations may have run meanwhile
-        if self.stopping:
-            return False
         state = self._tunnels.setdefault(tunnel_id, _TunnelState())
         if state.alive_connections >= self.config.transport_max_connections:
             log.info(
@@ -270,11 +265,6 @@ class ConnectionRegistry(Service):
             peer=conn.peer,
         )
         self._changed(tunnel_id)
-        try:
-            yield self.tunnels.rotate_token(tunnel_id)
-        except Exception:
-            log.error("Could not rotate the token of {tunnel_id}: {error}", tunnel_id=tunnel_id,
-                error=describe_error())
         return True
 
     def unregister(self, conn):
@@ -411,16 +401,17 @@ class ConnectionRegistry(Service):
             ):
                 del self._tunnels[tunnel_id]
 
-    def startService(self):
-        Service.startService(self)
-        self.stopping = False
-        self._sweep = task.LoopingCall(self.expire)
-        self._sweep.clock = self.clock
-        self._sweep.start(REFRESH_INTERVAL, now=False)
+    def _sweep(self):
+        try:
+            self.expire()
+        except Exception:
+            log.error("Connection expiry sweep failed: {error}", error=describe_error())
 
+    def startService(self):
+        self.stopping = False
+        MultiService.startService(self)
+
+    @defer.inlineCallbacks
     def stopService(self):
-        Service.stopService(self)
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
-        self._sweep = None
-        return self.stop()
+        yield defer.maybeDeferred(MultiService.stopService, self)
+        yield self.stop()

@@ -40,8 +40,10 @@ def main(argv=None):
     except usage.UsageError as e:
         print(f"exposrd: {e}", file=sys.stderr)
         return sys.exit(2)
+    # the service records a start-up failure here; this command exits with it
+    status = config.subOptions.exit_status = server.ExitStatus(caller_exits=True)
     twistd.runApp(config)
-    sys.exit(server.exit_code())
+    sys.exit(status.code)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ listener and transport, close storage.
 import os
 import sys
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,40 +21,62 @@ from twisted.logger import Logger
 from exposr import __version__
 from exposr.api.admin import Readiness
 from exposr.node import Node
+from exposr.reactor import clear_exit_signal
 
 log = Logger(namespace="exposr.server")
 
-_exit_code = 0
+
+@attrs.define
+class ExitStatus:
+    """The status the process exits with once the reactor has stopped.
+
+    ``caller_exits`` is True when the caller (the ``exposrd`` command) reads
+    ``code`` and exits with it after twistd returns; otherwise (plain
+    ``twistd exposrd``, which has no exit-status hook of its own) a start-up
+    failure ends the process with ``code`` after the reactor's shutdown.
+    """
+
+    code: int = 0
+    caller_exits: bool = False
 
 
-def exit_code():
-    """The status the process should exit with once the reactor has stopped."""
-    return _exit_code
+def _exit_now(code):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class ExposrService(MultiService):
-    """Everything one exposrd process runs."""
+    """Everything one exposrd process runs.
 
-    def __init__(self, config, reactor):
+    ``ExposrService(config, reactor, exit_status=None, node=None)``: the parts
+    come from `exposr.components.build` and are this service's children.
+    """
+
+    def __init__(self, config, reactor, exit_status=None, node=None):
+        from exposr import components
+
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
-        self.node = Node.create(config.cluster_node_ip)
+        self.exit_status = exit_status if exit_status is not None else ExitStatus()
+        self.node = node if node is not None else Node.create(config.cluster_node_ip)
         self.readiness = Readiness()
-        self.listeners = {}
-        self._build()
+        self.parts = components.build(config, reactor, self.node, self.readiness)
+        for child in self.parts.services:
+            child.setServiceParent(self)
         self._started = None
 
-    # -- construction ------------------------------------------------------
+    # -- the parts, by name (for tests and tools) ----------------------------
 
-    def _build(self):
-        from exposr import components
-
-        components.build(self)
-
-    def add_listener(self, listener):
-        self.listeners[listener.name] = listener
-        listener.setServiceParent(self)
+    storage = property(lambda self: self.parts.storage)
+    accounts = property(lambda self: self.parts.accounts)
+    tunnels = property(lambda self: self.parts.tunnels)
+    registry = property(lambda self: self.parts.registry)
+    router = property(lambda self: self.parts.router)
+    http_ingress = property(lambda self: self.parts.http_ingress)
+    ssh = property(lambda self: self.parts.ssh)
+    listeners = property(lambda self: self.parts.listeners)
 
     # -- life cycle --------------------------------------------------------
 
@@ -80,10 +103,10 @@ class ExposrService(MultiService):
         )
         if config.allow_registration:
             log.warn("Public account registration is enabled (--allow-registration)")
-        await self.storage.open()
-        for hook in self.start_hooks:
+        await self.parts.storage.open()
+        for hook in self.parts.start_hooks:
             await defer.maybeDeferred(hook)
-        for listener in self.listeners.values():
+        for listener in self.parts.listeners.values():
             port = await listener.listen()
             host = port.getHost()
             log.info("{name} listening on {addr}:{port}", name=listener.name, addr=host.host, port=host.port)
@@ -93,13 +116,11 @@ class ExposrService(MultiService):
         return self
 
     def _failed(self, failure):
-        global _exit_code
-        _exit_code = 255
+        self.exit_status.code = 255
         reason = failure.getErrorMessage() or failure.type.__name__
         log.critical("Failed to start up: {reason}", reason=reason)
-        if "exposr.script" not in sys.modules:
-            # plain `twistd exposrd`: it has no exit-status hook of its own
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 255)
+        if not self.exit_status.caller_exits:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, 255)
         self.reactor.callWhenRunning(self.reactor.stop)
         return failure
 
@@ -108,11 +129,10 @@ class ExposrService(MultiService):
         started = self.readiness.started
         log.info("exposrd shutting down")
         # twistd re-raises SIGTERM/SIGINT at exit so the status shows the
-        # signal; a graceful shutdown of exposrd exits 0 (lifecycle.md 12.3)
-        if hasattr(self.reactor, "_exitSignal"):
-            self.reactor._exitSignal = None
+        # signal; a graceful shutdown of exposrd exits 0
+        clear_exit_signal(self.reactor)
         self.readiness.ready = False
-        for hook in self.stop_hooks:
+        for hook in self.parts.stop_hooks:
             try:
                 yield defer.maybeDeferred(hook)
             except Exception:

@@ -17,4 +17,4 @@ def makeService(options, reactor=None):
 
     config = options.config
     log.set_level(config.log_level)
-    return ExposrService(config, reactor)
+    return ExposrService(config, reactor, exit_status=getattr(options, "exit_status", None))

@@ -84,25 +84,24 @@ def _dedupe(names):
 
 class TunnelService:
     """
-    Tunnels over an `IStorage`.
-
-    ``registry`` (the `ConnectionRegistry`) attaches itself when built;
-    disconnect goes through it. ``sni_url_for(tunnel_id)`` gives the SNI URL
-    advertised in ``ingress.sni`` (None until the SNI module provides it).
+    Tunnels over an `IStorage`, with their account (`AccountService`) and
+    their connections (`ConnectionRegistry`): transports `register` the
+    connections they authorised here, deletes and disconnects close them.
+    ``sni_url_for(tunnel_id)`` gives the SNI URL advertised in ``ingress.sni``
+    (None while there is none).
     """
 
-    def __init__(self, config, storage, accounts, clock, altnames=None, sni_url_for=None,
+    def __init__(self, config, storage, accounts, registry, clock, altnames=None, sni_url_for=None,
                  randbytes=os.urandom):
         self.config = config
         self.storage = storage
         self.accounts = accounts
+        self.registry = registry
         self.clock = clock
         self.altnames = altnames if altnames is not None else NoAltNames()
         self.sni_url_for = sni_url_for
         self._observers = []
-        self.registry = None
         self._randbytes = randbytes
-        accounts.tunnels = self
 
     def _now(self):
         return self.clock.seconds()
@@ -299,8 +298,6 @@ class TunnelService:
         return bool(deleted)
 
     def _disconnect(self, tunnel_id):
-        if self.registry is None:
-            return defer.succeed(True)
         return self.registry.disconnect(tunnel_id)
 
     @defer.inlineCallbacks
@@ -317,6 +314,73 @@ class TunnelService:
             return False
         result = yield self._disconnect(tunnel_id)
         return bool(result)
+
+    # -- accounts and their tunnels -----------------------------------------
+
+    @defer.inlineCallbacks
+    def delete_account(self, account_id):
+        """
+        Delete an account and all its tunnels. True when deleted, False when
+        the account does not exist.
+        """
+        record = yield self.accounts.get(account_id)
+        if record is None:
+            return False
+        canonical = record["id"] if "id" in record else model.normalize_account_id(account_id)
+        for tunnel_id in list(record["tunnels"]):
+            try:
+                yield self.delete(tunnel_id, canonical, update_account=False)
+            except Exception:
+                log.warn("Could not delete tunnel {tunnel_id}: {error}", tunnel_id=tunnel_id,
+                         error=model.describe_error())
+        return (yield self.accounts.delete(canonical))
+
+    @defer.inlineCallbacks
+    def set_account_disabled(self, account_id, disabled, reason=None):
+        """
+        Disable (with an optional reason) or enable an account; disabling
+        disconnects every tunnel of the account. The updated account, or None
+        when it does not exist.
+        """
+        record = yield self.accounts.set_disabled(account_id, disabled, reason)
+        if record is not None and disabled:
+            for tunnel_id in list(record["tunnels"]):
+                try:
+                    yield self.disconnect(tunnel_id)
+                except Exception:
+                    log.error("Could not disconnect tunnel {tunnel_id}: {error}", tunnel_id=tunnel_id,
+                              error=model.describe_error())
+        return record
+
+    # -- transport connections -----------------------------------------------
+
+    @defer.inlineCallbacks
+    def register(self, conn, account_id):
+        """
+        A transport authorised ``conn`` (an `ITunnelConnection`) for the
+        account: True when it may carry the tunnel. Refused (False) when the
+        tunnel does not exist or is not the account's, or by the registry
+        (stopping, or the cluster-wide limit reached). On success the tunnel's
+        connection token is rotated (it is good for one connection).
+        """
+        if self.registry.stopping:
+            return False
+        tunnel = yield self.get(conn.tunnel_id)
+        if tunnel is None or tunnel.get("account") != account_id:
+            return False
+        # synchronous from here: other registrations may have run meanwhile
+        if not self.registry.add(conn):
+            return False
+        try:
+            yield self.rotate_token(conn.tunnel_id)
+        except Exception:
+            log.error("Could not rotate the token of {tunnel_id}: {error}", tunnel_id=conn.tunnel_id,
+                      error=model.describe_error())
+        return True
+
+    def unregister(self, conn):
+        """The transport connection is gone (closed by either side)."""
+        return self.registry.unregister(conn)
 
     # -- transport login ---------------------------------------------------
 

@@ -36,11 +36,11 @@ class Stack:
             self.clock.advance(1707560000.123)
         self.storage = storage if storage is not None else MemoryStorage(self.clock)
         self.accounts = AccountService(self.storage, self.clock)
+        self.registry = ConnectionRegistry(self.config, NODE_ID, self.clock)
         self.tunnels = TunnelService(
-            self.config, self.storage, self.accounts, self.clock,
+            self.config, self.storage, self.accounts, self.registry, self.clock,
             altnames=altnames, sni_url_for=sni_url_for,
         )
-        self.registry = ConnectionRegistry(self.config, self.tunnels, NODE_ID, self.clock)
 
     def open(self):
         return self.storage.open()

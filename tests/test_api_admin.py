@@ -187,7 +187,7 @@ class AccountTests(AdminAPITestCase):
     @defer.inlineCallbacks
     def test_disable(self):
         conn = FakeConnection("my-tunnel", registry=self.stack.registry)
-        yield self.stack.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         self.stack.clock.advance(1)
         path = "/v1/admin/account/%s/disable" % self.account["id"]
         r = yield self.request("PUT", path, json_body={"disable": True, "reason": "spam"})
@@ -274,7 +274,7 @@ class TunnelTests(AdminAPITestCase):
         yield self.stack.tunnels.update_config("my-tunnel", self.account["id"], {
             "target": {"url": "http://localhost:3000"}, "transport": {"ws": {"enabled": True}}})
         conn = FakeConnection("my-tunnel", peer="203.0.113.9", registry=self.stack.registry)
-        yield self.stack.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         now = model.iso_timestamp(self.stack.clock.seconds())
         tunnel = yield self.stack.tunnels.get("my-tunnel")
         token = tunnel["transport"]["token"]
@@ -321,7 +321,7 @@ class TunnelTests(AdminAPITestCase):
     @defer.inlineCallbacks
     def test_delete(self):
         conn = FakeConnection("my-tunnel", registry=self.stack.registry)
-        yield self.stack.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         r = yield self.request("DELETE", "/v1/admin/tunnel/my-tunnel")
         self.assertEqual(r.code, 204)
         self.assertEqual(len(conn.disconnected), 1)
@@ -333,7 +333,7 @@ class TunnelTests(AdminAPITestCase):
     @defer.inlineCallbacks
     def test_disconnect(self):
         conn = FakeConnection("my-tunnel", registry=self.stack.registry)
-        yield self.stack.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         r = yield self.request("POST", "/v1/admin/tunnel/my-tunnel/disconnect")
         self.assertJSON(r, 200, '{"result":true}')
         self.assertEqual(len(conn.disconnected), 1)

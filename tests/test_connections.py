@@ -39,7 +39,7 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_register(self):
         conn = self.conn(1)
-        ok = yield self.registry.register(conn, self.account["id"])
+        ok = yield self.stack.tunnels.register(conn, self.account["id"])
         self.assertTrue(ok)
         self.assertEqual(self.changes, ["my-tunnel"])
         now = self.now()
@@ -69,9 +69,9 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_register_refusals(self):
         other = yield self.stack.accounts.create()
-        ok = yield self.registry.register(self.conn(), other["id"])
+        ok = yield self.stack.tunnels.register(self.conn(), other["id"])
         self.assertFalse(ok)
-        ok = yield self.registry.register(self.conn(tunnel_id="nope-nope"), self.account["id"])
+        ok = yield self.stack.tunnels.register(self.conn(tunnel_id="nope-nope"), self.account["id"])
         self.assertFalse(ok)
         self.assertEqual(self.changes, [])
         tunnel = yield self.stack.tunnels.get("my-tunnel")
@@ -81,14 +81,14 @@ class RegistryTests(unittest.TestCase):
     def test_limit(self):
         results = []
         for n in range(3):
-            ok = yield self.registry.register(self.conn(n), self.account["id"])
+            ok = yield self.stack.tunnels.register(self.conn(n), self.account["id"])
             results.append(ok)
         self.assertEqual(results, [True, True, False])
         self.assertEqual(self.registry.state("my-tunnel")["alive_connections"], 2)
 
     @defer.inlineCallbacks
     def test_limit_concurrent(self):
-        ds = [self.registry.register(self.conn(n), self.account["id"]) for n in range(3)]
+        ds = [self.stack.tunnels.register(self.conn(n), self.account["id"]) for n in range(3)]
         results = yield defer.gatherResults(ds)
         self.assertEqual(sorted(results), [False, True, True])
 
@@ -100,21 +100,21 @@ class RegistryTests(unittest.TestCase):
             {"connection_id": PEER_A + ":2", "node": PEER_A, "peer": "198.51.100.1",
              "connected": True, "connected_at": self.now()},
         ])
-        ok = yield self.registry.register(self.conn(1), self.account["id"])
+        ok = yield self.stack.tunnels.register(self.conn(1), self.account["id"])
         self.assertFalse(ok)
 
     @defer.inlineCallbacks
     def test_round_robin(self):
         a, b = self.conn(1), self.conn(2)
-        yield self.registry.register(b, self.account["id"])
-        yield self.registry.register(a, self.account["id"])
+        yield self.stack.tunnels.register(b, self.account["id"])
+        yield self.stack.tunnels.register(a, self.account["id"])
         chosen = [self.registry.connection_for("my-tunnel") for _ in range(5)]
         self.assertEqual(chosen, [a, b, a, b, a])
 
     @defer.inlineCallbacks
     def test_unregister(self):
         conn = self.conn(1)
-        yield self.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         connected_at = self.now()
         self.clock.advance(3)
         self.assertTrue(self.registry.unregister(conn))
@@ -132,8 +132,8 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_disconnect(self):
         a, b = self.conn(1), self.conn(2)
-        yield self.registry.register(a, self.account["id"])
-        yield self.registry.register(b, self.account["id"])
+        yield self.stack.tunnels.register(a, self.account["id"])
+        yield self.stack.tunnels.register(b, self.account["id"])
         self.assertEqual(self.registry.state("my-tunnel")["alive_connections"], 2)
         result = yield self.registry.disconnect("my-tunnel")
         self.assertTrue(result)
@@ -146,7 +146,7 @@ class RegistryTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_disconnect_with_remote_left(self):
-        yield self.registry.register(self.conn(1), self.account["id"])
+        yield self.stack.tunnels.register(self.conn(1), self.account["id"])
         self.registry.learn(PEER_A, "my-tunnel", [
             {"connection_id": PEER_A + ":1", "node": PEER_A, "peer": "198.51.100.1",
              "connected": True, "connected_at": self.now()}])
@@ -156,18 +156,18 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stop(self):
         a = self.conn(1)
-        yield self.registry.register(a, self.account["id"])
+        yield self.stack.tunnels.register(a, self.account["id"])
         yield self.registry.stop()
         self.assertEqual(len(a.disconnected), 1)
         self.assertFalse(self.registry.state("my-tunnel")["connected"])
-        ok = yield self.registry.register(self.conn(2), self.account["id"])
+        ok = yield self.stack.tunnels.register(self.conn(2), self.account["id"])
         self.assertFalse(ok)
 
     @defer.inlineCallbacks
     def test_service(self):
         self.registry.startService()
         a = self.conn(1)
-        yield self.registry.register(a, self.account["id"])
+        yield self.stack.tunnels.register(a, self.account["id"])
         yield self.registry.stopService()
         self.assertEqual(len(a.disconnected), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -175,7 +175,7 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_expiry(self):
         conn = self.conn(1)
-        yield self.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         self.registry.unregister(conn)
         self.clock.advance(59)
         self.registry.expire()
@@ -196,7 +196,7 @@ class RegistryTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_expiry_keeps_connected(self):
         conn = self.conn(1)
-        yield self.registry.register(conn, self.account["id"])
+        yield self.stack.tunnels.register(conn, self.account["id"])
         self.clock.advance(1000)
         self.registry.expire()
         state = self.registry.state("my-tunnel")
@@ -274,7 +274,7 @@ class ClusterStateTests(unittest.TestCase):
         yield self.stack.open()
         account, _ = yield self.stack.account_and_tunnel("x-tunnel")
         local = FakeConnection("x-tunnel", connection_id="z" * 40 + ":1")
-        yield self.registry.register(local, account["id"])
+        yield self.stack.tunnels.register(local, account["id"])
         self.registry.learn(PEER_A, "x-tunnel", [self.rec(PEER_A, 1)])
         for _ in range(3):
             self.assertIs(self.registry.connection_for("x-tunnel"), local)
@@ -298,6 +298,6 @@ class ClusterStateTests(unittest.TestCase):
         self.assertEqual(s["disconnected_at"], epoch_ms(self.clock.seconds()))
 
     def test_max_connections_config(self):
-        registry = ConnectionRegistry(make_config(transport_max_connections=5), None, NODE_ID,
+        registry = ConnectionRegistry(make_config(transport_max_connections=5), NODE_ID,
                                       self.clock)
         self.assertEqual(registry.config.transport_max_connections, 5)

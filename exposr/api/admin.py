@@ -253,7 +253,7 @@ class AdminAPI:
 
     async def delete_account(self, request, account_id):
         try:
-            deleted = await self.accounts.delete(account_id)
+            deleted = await self.tunnels.delete_account(account_id)
         except StorageUnavailable:
             raise
         except Exception:
@@ -286,7 +286,7 @@ class AdminAPI:
                     raise BadInput('"%s" is not allowed' % (key,))
         except BadInput as e:
             return bad_input(request, e.field)
-        account = await self.accounts.set_disabled(account_id, disable, reason)
+        account = await self.tunnels.set_account_disabled(account_id, disable, reason)
         if account is None:
             return status_response(request, 404)
         return json_response(request, 200, self.account_props(account))

@@ -5,9 +5,10 @@ name) is proxied to the tunnel. Only request and response *heads* are parsed
 (`httphead`); bodies are spliced as they arrive, both ways, with producers
 registered so that a slow side pauses the other instead of filling memory.
 
-Upstream streams come from the connection registry (``connection_for``) and
-are kept per tunnel in a keep-alive pool. The ingress never knows which
-transport carries a stream.
+Where a request goes is the domain router's decision (`exposr.router`): it
+answers with a route whose endpoint opens upstream streams; idle streams are
+kept per route in a keep-alive pool. The ingress never knows which transport
+carries a stream.
 """
 
 import json
@@ -21,16 +22,22 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.log import AccessLog
+from exposr.router import Reason, Refusal
 from exposr.ingress import forwarding, httphead
 from exposr.sockwrite import no_delay, write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
 log = Logger(namespace="exposr.ingress.http")
-access_log = AccessLog("exposr.ingress.http.access")
+_default_access_log = AccessLog("exposr.ingress.http.access")
 
 HEAD_TIMEOUT = 30.0
-RECORD_TTL = 2.0  # seconds a tunnel record is reused by the ingress
-RECORD_CACHE_MAX = 10000
+ROUTE_INFO_MAX = 10000  # memoised (host, client address, base URL) entries per cache
+
+# refusals of the router as the ingress answers them (8.3)
+_REFUSALS = {
+    Reason.NOT_FOUND: (404, "TUNNEL_NOT_FOUND"),
+    Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
+}
 
 _REASONS = {
     400: b"Bad Request",
@@ -142,11 +149,12 @@ class _UpstreamFactory(protocol.Factory):
 
 
 class UpstreamPool:
-    """Idle keep-alive upstream streams of one tunnel on this node (8.5)."""
+    """Idle keep-alive upstream streams of one route (8.5): a tunnel, on this node."""
 
-    def __init__(self, ingress, tunnel_id):
+    def __init__(self, ingress, key, endpoint):
         self.ingress = ingress
-        self.tunnel_id = tunnel_id
+        self.key = key
+        self.endpoint = endpoint
         self.idle = []
         self.factory = _UpstreamFactory(self)
 
@@ -173,10 +181,7 @@ class UpstreamPool:
         return self.open().addCallback(lambda up: (up, False))
 
     def open(self):
-        conn = self.ingress.registry.connection_for(self.tunnel_id)
-        if conn is None:
-            return defer.fail(IngressError(502, "TUNNEL_TARGET_CON_FAILED"))
-        d = conn.open_stream(self.factory)
+        d = self.endpoint.connect(self.factory)
         d.addErrback(lambda f: defer.fail(_stream_error(f)))
         return d
 
@@ -211,7 +216,7 @@ class UpstreamPool:
             if up in self.idle:
                 self.idle.remove(up)
         if not self.idle:
-            self.ingress.pools.pop(self.tunnel_id, None) if self.ingress.pools.get(self.tunnel_id) is self else None
+            self.ingress.pools.pop(self.key, None) if self.ingress.pools.get(self.key) is self else None
 
     def close(self):
         for up in list(self.idle):
@@ -223,36 +228,35 @@ class UpstreamPool:
 
 
 class HTTPIngress:
-    """Routing by Host, tunnel checks, and the per-tunnel pools of this node."""
+    """Routing by Host through the domain router, and this node's upstream pools.
+
+    ``HTTPIngress(config, router, node_id, clock, access_log=None)``: the
+    router (`exposr.router.Router`) decides where a tunnel's requests go;
+    ``access_log`` writes one record per request (`exposr.log.AccessLog`).
+    """
 
     head_timeout = HEAD_TIMEOUT
 
-    def __init__(self, config, tunnels, registry, node_id, clock, altnames=None):
+    def __init__(self, config, router, node_id, clock, access_log=None):
         from urllib.parse import urlsplit
 
         self.config = config
-        self.tunnels = tunnels
-        self.registry = registry
+        self.router = router
         self.node_id = node_id
         self.clock = clock
-        self.altnames = altnames
+        self.access_log = access_log if access_log is not None else _default_access_log
         self.domain = (urlsplit(config.ingress_http_url).hostname or "").lower()
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.rewriter = forwarding.Rewriter(node_id)
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
-        self._records = {}
         self._trusted_info = {}
         self._untrusted_info = {}
-        if hasattr(registry, "on_change"):
-            registry.on_change(self._connection_changed)
-        if hasattr(tunnels, "on_change"):
-            tunnels.on_change(self.forget)
+        router.on_change(self._connection_changed)
 
     def _connection_changed(self, tunnel_id):
-        self.forget(tunnel_id)
         # drop pooled streams of a tunnel that lost its last connection (H7)
-        if not self.registry.is_connected(tunnel_id):
+        if not self.router.is_connected(tunnel_id):
             pool = self.pools.pop(tunnel_id, None)
             if pool is not None:
                 pool.close()
@@ -264,47 +268,28 @@ class HTTPIngress:
         label, dot, parent = host.partition(".")
         if dot and label and parent == self.domain:
             return label
-        if self.altnames is not None and "." in host:
-            return self.altnames.lookup(host)
+        if "." in host:
+            return self.router.tunnel_for_altname(host)
         return None
 
-    def pool(self, tunnel_id):
-        pool = self.pools.get(tunnel_id)
+    def pool(self, route):
+        pool = self.pools.get(route.key)
         if pool is None:
-            pool = self.pools[tunnel_id] = UpstreamPool(self, tunnel_id)
+            pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint)
         return pool
 
-    def check(self, tunnel_id, head, upgrade=False):
-        """A Deferred of the tunnel record if the request may go through, else IngressError (8.3).
-
-        Records are cached for `RECORD_TTL` seconds: a keep-alive client must
-        not cost a storage round trip (a database query with PostgreSQL or
-        Redis) per request. This node's own updates and connection changes
-        invalidate at once; another node's updates show within the TTL.
-        """
-        cached = self._records.get(tunnel_id)
-        if cached is not None and cached[0] > self.clock.seconds():
-            try:
-                return defer.succeed(self._verdict(cached[1], tunnel_id, head, upgrade))
-            except IngressError as e:
-                return defer.fail(e)
-        d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
-        d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
-        d.addCallback(self._verdict, tunnel_id, head, upgrade)
-        return d
-
-    def cached(self, tunnel_id):
-        """The cached record of a tunnel (see `check`), or None."""
-        cached = self._records.get(tunnel_id)
-        if cached is not None and cached[0] > self.clock.seconds():
-            return cached[1]
-        return None
-
-    def lookup(self, tunnel_id):
-        """A Deferred of the tunnel record (None if absent or on storage trouble), cached."""
-        d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
-        d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
-        return d
+    def route(self, tunnel, tunnel_id, head, upgrade=False):
+        """The router's `Route` for a request, or IngressError (8.3, in this order)."""
+        try:
+            route = self.router.http_route(tunnel, tunnel_id)
+        except Refusal as refusal:
+            reason = refusal.reason
+            if reason is Reason.NOT_CONNECTED:
+                raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
+            raise IngressError(*_REFUSALS[reason])
+        if forwarding.is_loop(head, self.node_id):
+            raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
+        return route
 
     def route_info(self, head, peer_ip, trusted):
         """(host for `claim`, client address, base URL) of a request head.
@@ -321,7 +306,7 @@ class HTTPIngress:
             key = tuple([v for n, v in head.headers if n.lower() == b"host"])
         info = cache.get(key)
         if info is None:
-            if len(cache) >= RECORD_CACHE_MAX:
+            if len(cache) >= ROUTE_INFO_MAX:
                 cache.clear()
             if trusted:
                 ip = forwarding.client_ip(peer_ip, head, self.trusted, True)
@@ -329,31 +314,6 @@ class HTTPIngress:
                 ip = None
             info = cache[key] = (httphead.host_of(head), ip, forwarding.base_url(head, trusted))
         return info
-
-    def _remember(self, tunnel, tunnel_id):
-        if tunnel is not None:
-            if len(self._records) >= RECORD_CACHE_MAX:
-                self._records.clear()
-            self._records[tunnel_id] = (self.clock.seconds() + RECORD_TTL, tunnel)
-        return tunnel
-
-    def forget(self, tunnel_id):
-        self._records.pop(tunnel_id, None)
-
-    def _lookup_failed(self, failure, tunnel_id):
-        log.warn("tunnel {tunnel}: lookup failed: {err}", tunnel=tunnel_id, err=failure.getErrorMessage())
-        return None
-
-    def _verdict(self, tunnel, tunnel_id, head, upgrade):
-        if tunnel is None:
-            raise IngressError(404, "TUNNEL_NOT_FOUND")
-        if not self.registry.is_connected(tunnel_id):
-            raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
-        if not tunnel.get("ingress", {}).get("http", {}).get("enabled"):
-            raise IngressError(403, "TUNNEL_HTTP_INGRESS_DISABLED")
-        if forwarding.is_loop(head, self.node_id):
-            raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
-        return tunnel
 
     def session(self):
         return IngressSession(self)
@@ -552,16 +512,12 @@ class IngressSession(protocol.Protocol):
         if tunnel_id is None:
             raise IngressError(421, "MISDIRECTED_REQUEST")
         self.tunnel_id = tunnel_id
-        tunnel = self.ingress.cached(tunnel_id)
-        if tunnel is None:
-            return self.ingress.lookup(tunnel_id)
-        return tunnel
+        return self.ingress.router.record(tunnel_id)
 
     def _checked(self, tunnel, head):
         """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
         ingress = self.ingress
-        tunnel_id = self.tunnel_id
-        ingress._verdict(tunnel, tunnel_id, head, self.upgrade)
+        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade)
         ip = self.route_ip
         if ip is None:
             ip = self.peer_client_ip
@@ -569,7 +525,7 @@ class IngressSession(protocol.Protocol):
         # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
         upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
         ingress.rewriter.rewrite(head, ip, self.base, (tunnel.get("target") or {}).get("url"), upgrade=upgrade)
-        pool = ingress.pool(tunnel_id)
+        pool = ingress.pool(route)
         if not self.upgrade:
             up = pool.take_idle()
             if up is not None:
@@ -739,7 +695,7 @@ class IngressSession(protocol.Protocol):
         head = self.request
         if head is None:
             return
-        access_log(
+        self.ingress.access_log(
             head.method.decode("latin-1"),
             head.target.decode("latin-1"),
             self.status,

@@ -30,6 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from exposr.errors import ExposrError
+from exposr.router import Reason, Refusal
 from exposr.ingress.clienthello import DEFAULT_MAX_SIZE, ClientHelloError, ClientHelloParser
 from exposr.sockwrite import no_delay
 
@@ -60,9 +61,31 @@ def tunnel_id_from_server_name(server_name):
     return label or None
 
 
+_REFUSALS = {
+    Reason.NOT_FOUND: "unknown tunnel {}",
+    Reason.SNI_DISABLED: "SNI ingress not enabled for {}",
+    Reason.NOT_CONNECTED: "tunnel {} is not connected",
+}
+
+
+def router_resolver(router):
+    """The ``resolve`` of an SNI ingress that asks the domain router (`exposr.router`)."""
+
+    def refused(failure, tunnel_id):
+        failure.trap(Refusal)
+        raise SNIRefused(_REFUSALS.get(failure.value.reason, "{} refused").format(tunnel_id))
+
+    def resolve(tunnel_id):
+        return router.sni_route(tunnel_id).addErrback(refused, tunnel_id)
+
+    return resolve
+
+
 def _as_route(answer):
     if isinstance(answer, Route):
         return answer
+    if hasattr(answer, "endpoint") and hasattr(answer, "passthrough"):
+        return Route(answer.endpoint, bool(answer.passthrough))
     if isinstance(answer, tuple) and len(answer) == 2:
         return Route(answer[0], bool(answer[1]))
     if IStreamClientEndpoint.providedBy(answer) or hasattr(answer, "connect"):

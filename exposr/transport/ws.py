@@ -95,7 +95,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = clock
         self._pinger.start(multiplex.PING_INTERVAL, now=False)
-        d = self.service.registry.register(self, self.account_id)
+        d = self.service.connections.register(self, self.account_id)
         d.addCallbacks(self._registered, self._register_failed)
 
     def _registered(self, ok):
@@ -132,7 +132,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def _unregister(self):
         if self.registered:
             self.registered = False
-            self.service.registry.unregister(self)
+            self.service.connections.unregister(self)
             log.info("tunnel {tunnel} disconnected ({conn})", tunnel=self.tunnel_id, conn=self.connection_id)
 
     def _ping(self):
@@ -247,13 +247,17 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
 
 
 class WSTransport:
-    """Builds `TunnelWebSocket` protocols for authorised upgrades."""
+    """Builds `TunnelWebSocket` protocols for authorised upgrades.
 
-    def __init__(self, reactor, registry, node_id, max_message=multiplex.DEFAULT_MAX_PAYLOAD + 64, clock=None):
+    ``connections`` registers and unregisters the tunnel connections
+    (``register(conn, account_id)`` → Deferred of bool, ``unregister(conn)``):
+    the `TunnelService`."""
+
+    def __init__(self, reactor, connections, node_id, max_message=multiplex.DEFAULT_MAX_PAYLOAD + 64, clock=None):
         self.reactor = reactor
         # timers of the multiplexer and the keep-alive (tests inject a Clock)
         self.clock = clock if clock is not None else reactor
-        self.registry = registry
+        self.connections = connections
         self.node_id = node_id
         self.factory = WebSocketServerFactory()
         self.factory.setProtocolOptions(

@@ -1,0 +1,194 @@
+"""The domain router: where a request for a tunnel goes, for every ingress.
+
+Every ingress asks the router and nothing else: it owns the tunnel record
+lookup and its cache, the checks (the tunnel exists, is connected, has the
+ingress enabled) and the choice of connection. The answer is a `Route`: an
+``IStreamClientEndpoint`` whose ``connect(factory)`` opens one stream to the
+tunnel, whatever carries it (a WebSocket channel, an SSH channel, or, in a
+cluster, a hop to the node holding the client). A refusal is a `Refusal` with
+a `Reason` that the ingress turns into its own error (an HTTP status, a
+refused TLS handshake).
+
+Records are cached for `RECORD_TTL` seconds: a kept-alive client must not cost
+a storage round trip per request. This node's own updates and connection
+changes invalidate at once; another node's updates show within the TTL.
+The lookups answer synchronously (a record, not a Deferred) when the cache
+has the record, so a warm keep-alive request runs without Deferreds.
+"""
+
+import enum
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from exposr.endpoint import TunnelEndpoint
+
+log = Logger(namespace="exposr.router")
+
+RECORD_TTL = 2.0  # seconds a tunnel record is reused
+RECORD_CACHE_MAX = 10000  # records kept at most (the cache is cleared when full)
+
+
+class Reason(enum.Enum):
+    NOT_FOUND = "no such tunnel"
+    NOT_CONNECTED = "not connected"
+    HTTP_DISABLED = "HTTP ingress not enabled"
+    SNI_DISABLED = "SNI ingress not enabled"
+
+
+class Refusal(Exception):
+    """The tunnel cannot take this request; ``reason`` is a `Reason`."""
+
+    def __init__(self, reason, tunnel_id):
+        super().__init__(f"{reason.value}: {tunnel_id}")
+        self.reason = reason
+        self.tunnel_id = tunnel_id
+
+
+@attrs.frozen
+class Route:
+    """Where the streams of one request go.
+
+    ``endpoint`` opens them; ``key`` names the place they lead to, so an
+    ingress may keep idle streams per key and reuse them; ``passthrough``
+    (SNI) asks for the encrypted bytes to be passed on untouched.
+    """
+
+    endpoint: object
+    key: object
+    passthrough: bool = False
+
+
+class Router:
+    """``Router(tunnels, registry, clock, altnames=None)``.
+
+    ``tunnels`` gives records (``get``) and tells of this node's changes
+    (``on_change``); ``registry`` the connections (``is_connected``,
+    ``connection_for``, ``on_change``); ``altnames`` maps custom domains to
+    tunnel ids (``lookup(host)``).
+    """
+
+    def __init__(self, tunnels, registry, clock, altnames=None):
+        self.tunnels = tunnels
+        self.registry = registry
+        self.clock = clock
+        self.altnames = altnames
+        self._records = {}  # tunnel id -> (expiry, record)
+        self._routes = {}  # tunnel id -> Route
+        self._observers = []
+        tunnels.on_change(self.forget)
+        registry.on_change(self._connection_changed)
+
+    # -- change notifications ---------------------------------------------------
+
+    def on_change(self, callback):
+        """``callback(tunnel_id)`` when a tunnel's connections changed on this node."""
+        self._observers.append(callback)
+
+    def _connection_changed(self, tunnel_id):
+        self.forget(tunnel_id)
+        for callback in list(self._observers):
+            try:
+                callback(tunnel_id)
+            except Exception:
+                log.failure("route change observer failed")
+
+    def forget(self, tunnel_id):
+        """Drop what is cached of a tunnel."""
+        self._records.pop(tunnel_id, None)
+        self._routes.pop(tunnel_id, None)
+
+    def is_connected(self, tunnel_id):
+        return self.registry.is_connected(tunnel_id)
+
+    # -- records ------------------------------------------------------------------
+
+    def cached(self, tunnel_id):
+        """The cached record of a tunnel, or None."""
+        cached = self._records.get(tunnel_id)
+        if cached is not None and cached[0] > self.clock.seconds():
+            return cached[1]
+        return None
+
+    def lookup(self, tunnel_id):
+        """A Deferred of the tunnel record (None if absent or on storage trouble), cached."""
+        d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
+        d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
+        return d
+
+    def record(self, tunnel_id):
+        """The tunnel record: from the cache (no Deferred), else a Deferred of it."""
+        tunnel = self.cached(tunnel_id)
+        if tunnel is None:
+            return self.lookup(tunnel_id)
+        return tunnel
+
+    def tunnel_for_altname(self, host):
+        """The tunnel id a custom domain belongs to: None, a str, or a Deferred of either."""
+        if self.altnames is None:
+            return None
+        return self.altnames.lookup(host)
+
+    def _remember(self, tunnel, tunnel_id):
+        if tunnel is not None:
+            if len(self._records) >= RECORD_CACHE_MAX:
+                self._records.clear()
+            self._records[tunnel_id] = (self.clock.seconds() + RECORD_TTL, tunnel)
+        return tunnel
+
+    def _lookup_failed(self, failure, tunnel_id):
+        log.warn("tunnel {tunnel}: lookup failed: {err}", tunnel=tunnel_id, err=failure.getErrorMessage())
+        return None
+
+    # -- decisions ------------------------------------------------------------------
+
+    def route(self, tunnel_id):
+        """The `Route` to a connected tunnel's streams (no checks of the record)."""
+        route = self._routes.get(tunnel_id)
+        if route is None:
+            if len(self._routes) >= RECORD_CACHE_MAX:
+                self._routes.clear()
+            route = self._routes[tunnel_id] = Route(TunnelEndpoint(self.registry, tunnel_id), tunnel_id)
+        return route
+
+    def http_route(self, tunnel, tunnel_id):
+        """The `Route` for an HTTP request to the tunnel of record ``tunnel``.
+
+        Refused, in this order: no such tunnel, not connected, HTTP ingress
+        not enabled.
+        """
+        if tunnel is None:
+            raise Refusal(Reason.NOT_FOUND, tunnel_id)
+        if not self.registry.is_connected(tunnel_id):
+            raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
+        if not tunnel.get("ingress", {}).get("http", {}).get("enabled"):
+            raise Refusal(Reason.HTTP_DISABLED, tunnel_id)
+        return self.route(tunnel_id)
+
+    def sni_route(self, tunnel_id):
+        """A Deferred of the `Route` for a TLS connection by server name.
+
+        Refused, in this order: no such tunnel, SNI ingress not enabled, not
+        connected. The route asks for passthrough when the tunnel does.
+        """
+        record = self.record(tunnel_id)
+        if type(record) is dict:
+            try:
+                return defer.succeed(self._sni_route(record, tunnel_id))
+            except Refusal as e:
+                return defer.fail(e)
+        return record.addCallback(self._sni_route, tunnel_id)
+
+    def _sni_route(self, tunnel, tunnel_id):
+        if tunnel is None:
+            raise Refusal(Reason.NOT_FOUND, tunnel_id)
+        sni = tunnel.get("ingress", {}).get("sni", {})
+        if not sni.get("enabled"):
+            raise Refusal(Reason.SNI_DISABLED, tunnel_id)
+        if not self.registry.is_connected(tunnel_id):
+            raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
+        route = self.route(tunnel_id)
+        if sni.get("passthrough"):
+            route = attrs.evolve(route, passthrough=True)
+        return route
