@@ -55,7 +55,7 @@ from exposr.errors import (
 from exposr.interfaces import ITunnelConnection
 from exposr.listen import tcp_endpoint
 from exposr.sockwrite import no_delay
-from exposr.transport.ssh_target import (
+from exposr.transport.ssh.target import (
     TLS_SCHEMES,
     forward_target,
     parse_url,
