@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from exposr.errors import StreamRefusedError
+from exposr.errors import StreamRefusedError, TransportClosedError
 from exposr.transport.ssh import conch_private
 from exposr.transport.ssh.auth import TunnelAvatar
 from exposr.transport.ssh.channels import ForwardedChannel
@@ -151,11 +151,13 @@ class ConnectionTests(unittest.TestCase):
         self.conn.transport = self.transport
         self.conn.serviceStarted()
         self.addCleanup(self.conn.serviceStopped)
+        self.failed_opens = []
 
     def open_forwarded(self, reader, max_packet=32768, confirm=True):
         d = defer.Deferred()
         channel = ForwardedChannel(self.transport.tunnel_conn, protocol.Factory.forProtocol(lambda: reader), d, self.conn)
         self.conn.openChannel(channel, b"")
+        d.addErrback(self.failed_opens.append)  # before the connection stops in cleanup
         if confirm:
             self.receive(connection.MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", channel.id, 7, 1 << 20, max_packet))
         return channel, d
@@ -199,14 +201,16 @@ class ConnectionTests(unittest.TestCase):
 
     def test_zero_packet_size_refused(self):
         channel, d = self.open_forwarded(_Reader(), max_packet=0)
-        self.failureResultOf(d, StreamRefusedError)
+        [failure] = self.failed_opens
+        failure.trap(StreamRefusedError)
         self.assertEqual(self.transport.kinds()[-1], connection.MSG_CHANNEL_CLOSE)
 
     def test_open_failure_refuses_the_stream(self):
         channel, d = self.open_forwarded(_Reader(), confirm=False)
         self.receive(connection.MSG_CHANNEL_OPEN_FAILURE, struct.pack(">2L", channel.id, 2) + common.NS(b"no") + common.NS(b""))
-        f = self.failureResultOf(d, StreamRefusedError)
-        self.assertEqual(str(f.value), "open refused (2) no")
+        [failure] = self.failed_opens
+        failure.trap(StreamRefusedError)
+        self.assertEqual(str(failure.value), "open refused (2) no")
         self.assertEqual(conch_private.channel_count(self.conn), 0)
 
     def test_replies_for_channels_in_the_wrong_state_are_violations(self):
@@ -227,6 +231,11 @@ class ConnectionTests(unittest.TestCase):
         # Conch's bookkeeping untouched
         self.assertIs(conch_private.open_channel(self.conn, struct.pack(">L", opened.id)), opened)
         self.assertIs(conch_private.opening_channel(self.conn, struct.pack(">L", pending.id)), pending)
+        # the connection ends: the open still pending fails, the open stream ends
+        self.conn.serviceStopped()
+        [failure] = self.failed_opens
+        failure.trap(TransportClosedError)
+        self.assertEqual(self.transport.tunnel_conn.closed_streams, [opened, pending])
 
     def test_stray_global_replies_ignored(self):
         self.receive(connection.MSG_REQUEST_SUCCESS, b"")
