@@ -32,16 +32,21 @@ class _ConnectionLog(Logger):
 
 class ForwardingConnection(connection.SSHConnection):
     """
-    Conch's ``ssh-connection`` with only what forwarding needs on top; channel
-    work lives in the channel classes (`exposr.transport.ssh.channels`), the
-    client's channel policy and global requests in `TunnelAvatar`. Overrides:
+    Conch's ``ssh-connection`` with only what forwarding needs on top. Channel
+    work is in the channel classes (`exposr.transport.ssh.channels`), channel
+    policy and global requests in `TunnelAvatar`. The overrides, and why:
 
-    * ``serviceStarted``/``serviceStopped``: keep-alive pings; attach to the tunnel connection.
-    * ``packetReceived``: a channel message must name a channel in the state it needs, else the connection drops (Conch would corrupt its bookkeeping); stray global replies are ignored.
-    * ``ssh_GLOBAL_REQUEST``: replies in order and possibly later (``tcpip-forward`` asks storage first); Conch answers at once.
-    * ``ssh_CHANNEL_OPEN``: unwanted channel types and over-limit sessions refused (administratively prohibited) before Conch logs a traceback per refusal.
-    * ``ssh_CHANNEL_DATA``: the window is reopened only after delivery and not while the stream's reader is paused (Conch reopens it regardless: a slow reader made the relay grow).
-    * ``ssh_CHANNEL_EXTENDED_DATA``: the same window rule (Conch's would reopen a held window).
+    * ``serviceStarted``/``serviceStopped``: keep-alive pings; attach to the tunnel.
+    * ``packetReceived``: a channel message for a channel not in the state it needs drops the connection.
+    * ``ssh_GLOBAL_REQUEST``: replies in order, possibly later (``tcpip-forward`` asks storage).
+    * ``ssh_CHANNEL_OPEN``: unwanted types and over-limit sessions refused without a traceback.
+    * ``ssh_CHANNEL_DATA``: the window stays shut while the stream's reader is paused.
+    * ``ssh_CHANNEL_EXTENDED_DATA``: the same window rule (Conch's reopens a held window).
+
+    Conch would index its channel table with the peer's number and trust the
+    channel's state (an open failure for an open channel corrupts it), answer
+    global requests synchronously, log a traceback per refused channel type,
+    and reopen the window on every data packet whatever the reader does.
     """
 
     _log = _ConnectionLog(namespace="exposr.transport.ssh.conch")
