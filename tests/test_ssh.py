@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from exposr.errors import TransportClosedError
 from exposr.transport import ssh as sshmod
 from exposr.transport.ssh import LOCAL_WINDOW, fingerprint, load_host_key
-from exposr.transport.ssh_target import forward_target, render_target
+from exposr.transport.ssh.target import forward_target, render_target
 
 from tests.test_ssh_support import (
     SSHPASS,
