@@ -102,7 +102,7 @@ def build(config, reactor, node, readiness):
     if config.ssh_transport_enabled:
         from exposr.transport.ssh import SSHTransportService
 
-        ssh = SSHTransportService(config, tunnels, registry, node.id, reactor)
+        ssh = SSHTransportService(config, tunnels, tunnels, node.id, reactor)
         parts.services.append(ssh)
         parts.start_hooks.append(ssh.listen)
     parts.ssh = ssh

@@ -50,7 +50,11 @@ def generate_host_key():
 
 class SSHTransportService(Service):
     """
-    ``SSHTransportService(config, tunnels, registry, node_id, reactor)``.
+    ``SSHTransportService(config, tunnels, connections, node_id, reactor)``:
+    ``tunnels`` authorises logins and adopts targets; ``connections``
+    registers and unregisters the tunnel connections (``register(conn,
+    account_id)`` → Deferred of bool, ``unregister(conn)``): the
+    `TunnelService`.
 
     `listen` (awaited by the start-up sequence; `startService` calls it too,
     once) loads or generates the host key and opens the listener on
@@ -64,7 +68,7 @@ class SSHTransportService(Service):
         self,
         config,
         tunnels,
-        registry,
+        connections,
         node_id,
         reactor,
         *,
@@ -76,7 +80,7 @@ class SSHTransportService(Service):
     ):
         self.config = config
         self.tunnels = tunnels
-        self.registry = registry
+        self.connections = connections
         self.node_id = node_id
         self.reactor = reactor
         self.login_grace = login_grace

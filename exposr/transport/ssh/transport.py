@@ -181,13 +181,13 @@ class ServerTransport(sshtransport.SSHServerTransport):
         self._uncount()  # authenticated: no longer a login in progress
         conn = SSHTunnelConnection(self, tunnel, account, svc)
         try:
-            ok = yield svc.registry.register(conn, account["id"])
+            ok = yield svc.connections.register(conn, account["id"])
         except Exception:
             log.failure("Registering SSH connection of {tunnel_id} failed", tunnel_id=conn.tunnel_id)
             ok = False
         if self._lost or self._closing:
             if ok:
-                svc.registry.unregister(conn)
+                svc.connections.unregister(conn)
             return False
         if not ok:
             log.info(

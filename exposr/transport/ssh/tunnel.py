@@ -65,7 +65,7 @@ class SSHTunnelConnection:
             d.errback(TransportClosedError("SSH connection closed"))
         self._waiters = []
         try:
-            self._service.registry.unregister(self)
+            self._service.connections.unregister(self)
         except Exception:
             log.failure("unregistering {tunnel_id} failed", tunnel_id=self.tunnel_id)
 
