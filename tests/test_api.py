@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from exposr import model
 from exposr.api.public import PublicAPI
-from exposr.storage.base import StorageError, StorageUnavailable
+from exposr.errors import StorageError, StorageUnavailable
 from exposr.tunnels import NoAltNames
 from tests.support import (JSON, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions, Stack,
                            bearer, make_config)

@@ -7,8 +7,8 @@ from twisted.trial import unittest
 
 from exposr import model
 from exposr.api.admin import AdminAPI, AdminInterface, Readiness, admin_resource, local_node_view
+from exposr.errors import StorageUnavailable
 from exposr.node import Node
-from exposr.storage.base import StorageUnavailable
 from exposr.storage.memory import MemoryStorage
 from tests.support import (JSON, NODE_ID, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions,
                            Stack, make_config)

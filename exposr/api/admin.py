@@ -30,7 +30,7 @@ from exposr.api.common import (
     to_bool,
     transport_blocks,
 )
-from exposr.storage.base import InvalidCursor, StorageError, StorageUnavailable
+from exposr.errors import InvalidCursor, StorageError, StorageUnavailable
 from exposr.tunnels import TunnelNotFound
 
 log = Logger(namespace="exposr.api.admin")

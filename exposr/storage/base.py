@@ -17,31 +17,19 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from exposr.errors import (  # noqa: F401  (the storage errors, named here too)
+    InvalidCursor,
+    LockTimeout,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+)
+
 log = Logger(namespace="exposr.storage")
 
 NAMESPACES = ("tunnel", "account", "ingress-altnames")
 
 _NS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class StorageError(Exception):
-    """A storage operation failed."""
-
-
-class StorageUnavailable(StorageError):
-    """The backend cannot be reached (the API answers 503)."""
-
-
-class NotFound(StorageError):
-    """The key does not exist (atomic update of a missing key)."""
-
-
-class LockTimeout(StorageError):
-    """The record lock could not be taken in time (Redis, 10.7)."""
-
-
-class InvalidCursor(StorageError, ValueError):
-    """A list cursor that this storage did not hand out."""
 
 
 class IStorage(Interface):
