@@ -6,9 +6,10 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from exposr import model
-from exposr.api.admin import AdminAPI, AdminInterface, Readiness, admin_resource, local_node_view
+from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
 from exposr.errors import StorageUnavailable
 from exposr.node import Node
+from exposr.readiness import Readiness
 from exposr.storage.memory import MemoryStorage
 from tests.support import (JSON, NODE_ID, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions,
                            Stack, make_config)
