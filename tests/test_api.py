@@ -3,7 +3,7 @@
 import base64
 import json
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
 
@@ -55,7 +55,7 @@ class APITestCase(ResponseAssertions, unittest.TestCase):
     def setUp(self):
         overrides = dict(transport=("ws", "ssh"), allow_registration=True)
         overrides.update(self.config_overrides)
-        self.storage = FailingStorage(MemoryStorage(), StorageUnavailable("down"))
+        self.storage = FailingStorage(MemoryStorage(reactor), StorageUnavailable("down"))
         self.stack = Stack(config=make_config(**overrides), storage=self.storage,
                            altnames=self.altnames)
         yield self.stack.open()

@@ -2,7 +2,7 @@
 
 import base64
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from exposr import model
@@ -60,7 +60,7 @@ class AdminAPITestCase(ResponseAssertions, unittest.TestCase):
     def setUp(self):
         overrides = dict(transport=("ws", "ssh"))
         overrides.update(self.config_overrides)
-        self.storage = FailingStorage(MemoryStorage(), StorageUnavailable("down"))
+        self.storage = FailingStorage(MemoryStorage(reactor), StorageUnavailable("down"))
         self.stack = Stack(config=make_config(**overrides), storage=self.storage)
         yield self.stack.open()
         self.node = Node(id=NODE_ID, host="1@test", ip="10.0.0.5")

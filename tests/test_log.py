@@ -79,3 +79,43 @@ class JSONLineObserverTests(unittest.TestCase):
         self.out.close()
         self.reactor.running = False
         self.observer(self._event("nobody reads this"))  # no exception
+
+
+class InstalledOutputReactorTests(unittest.TestCase):
+    """`observer` (twistd's logger factory) batches by the reactor the entry point gives."""
+
+    def setUp(self):
+        saved = (log._sink, log._reactor)
+
+        def restore():
+            log._sink, log._reactor = saved
+
+        self.addCleanup(restore)
+        log._sink = log._reactor = None
+        self.out, self.reactor = _Out(), _Reactor()
+
+    def _log_one(self, observer, text):
+        observer({"log_format": text, "log_level": LogLevel.info, "log_namespace": "exposr.test", "log_time": 0})
+
+    def test_without_a_reactor_each_line_is_written_at_once(self):
+        self._log_one(log.observer(self.out), "early")
+        self.assertEqual(len(self.out.writes), 1)
+
+    def test_a_reactor_given_before_the_output_is_made_is_used(self):
+        log.use_reactor(self.reactor)  # twistd: the service maker runs before logging starts
+        observer = log.observer(self.out)
+        self._log_one(observer, "one")
+        self._log_one(observer, "two")
+        self.assertEqual(self.out.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+
+    def test_a_reactor_given_after_the_output_is_made_is_used(self):
+        observer = log.observer(self.out)  # a tap file: the server is built when it starts
+        log.use_reactor(self.reactor)
+        self._log_one(observer, "one")
+        self._log_one(observer, "two")
+        self.assertEqual(self.out.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.out.writes), 1)
+        self.assertEqual([t[:2] for t in self.reactor.triggers], [("after", "shutdown")])

@@ -90,7 +90,8 @@ class RedisStorage(BaseStorage):
         db=None,
         password=None,
         username=None,
-        reactor=None,
+        *,
+        reactor,
         pool_size=2,
         open_attempts=5,
         open_retry_delay=1.0,
@@ -102,8 +103,6 @@ class RedisStorage(BaseStorage):
         lock_retry_jitter=0.1,
         lock_extend_interval=0.5,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self._reactor = reactor
         self.host = host
         self.port = int(port)
@@ -125,7 +124,7 @@ class RedisStorage(BaseStorage):
         self._locks = KeyedLock()
 
     @classmethod
-    def from_url(cls, url, reactor=None, **kwargs):
+    def from_url(cls, url, reactor, **kwargs):
         """``redis://[[user]:password@]host[:port][/db]``."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("redis",):
