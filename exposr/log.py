@@ -18,7 +18,10 @@ Access records (`AccessLog`, one per proxied request) are the hot case: once
 pre-formatted lines, without a twisted.logger event (building, publishing,
 filtering and formatting one costs several times more than the line). The
 record is the same as the event's would be. Without an installed observer
-(tests, embedding) they are ordinary twisted.logger events.
+(tests, embedding) they are ordinary twisted.logger events. `access_writer`
+gives the installed output, so that a caller can hand it to an `AccessLog`
+explicitly (``AccessLog(namespace, sink=writer)``: anything with
+``write_line(line)``).
 """
 
 import datetime
@@ -193,6 +196,11 @@ class JSONLineObserver:
             pass
 
 
+def access_writer():
+    """The JSON output installed by `observer` (what `AccessLog` writes to), or None."""
+    return _sink
+
+
 def observer(out=None):
     """The `twistd --logger` factory: JSON lines on stdout, level-filtered.
 
@@ -208,12 +216,15 @@ class AccessLog:
 
     The record is the one an ``info`` event of namespace ``namespace`` would
     give (``data``: message, method, path, status, tunnel, client, bytes,
-    duration_ms), written straight to the installed JSON output when there
-    is one (see the module docstring).
+    duration_ms), written straight to ``sink`` (an object with
+    ``write_line(line)``, e.g. a `JSONLineObserver`) when one is given, else
+    to the installed JSON output when there is one (see the module
+    docstring).
     """
 
-    def __init__(self, namespace, host=socket.gethostname(), pid=os.getpid()):
+    def __init__(self, namespace, sink=None, host=socket.gethostname(), pid=os.getpid()):
         self.namespace = namespace
+        self.sink = sink
         self.logger = Logger(namespace=namespace)
         self._head = (',"level":"INFO","logger":%s,"host":%s,"pid":%s,"data":{"message":'
                       % (_quote(namespace), _quote(host), json.dumps(pid)))
@@ -228,7 +239,9 @@ class AccessLog:
         return on
 
     def __call__(self, method, path, status, tunnel, client, nbytes, duration_ms):
-        sink = _sink
+        sink = self.sink
+        if sink is None:
+            sink = _sink
         if sink is None:
             message = f"{method} {path} {status}"
             if "{" in message or "}" in message:
