@@ -23,6 +23,7 @@ import txredisapi
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
+from exposr.compat.txredisapi import usable
 from exposr.storage.base import (
     BaseStorage,
     KeyedLock,
@@ -227,7 +228,7 @@ class RedisStorage(BaseStorage):
         factory = self._factory
         if factory is None:
             raise StorageUnavailable("Redis storage is not open")
-        live = [c for c in factory.pool if c.connected and c._ready]
+        live = usable(factory)
         if not live:
             raise StorageUnavailable("no connection to Redis at %s" % self.describe())
         self._next = (self._next + 1) % len(live)
