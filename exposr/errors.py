@@ -1,4 +1,8 @@
-"""Errors that cross module boundaries."""
+"""Errors that cross module boundaries.
+
+The storage errors are defined here (and re-exported by `exposr.storage`) so
+that the APIs and the domain name them without importing a backend module.
+"""
 
 
 class ExposrError(Exception):
@@ -27,3 +31,23 @@ class TransportClosedError(StreamError):
 
 class NoConnectionError(StreamError):
     """The tunnel has no usable transport connection."""
+
+
+class StorageError(Exception):
+    """A storage operation failed."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot be reached (the API answers 503)."""
+
+
+class NotFound(StorageError):
+    """The key does not exist (atomic update of a missing key)."""
+
+
+class LockTimeout(StorageError):
+    """The record lock could not be taken in time (Redis, 10.7)."""
+
+
+class InvalidCursor(StorageError, ValueError):
+    """A list cursor that this storage did not hand out."""

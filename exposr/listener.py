@@ -18,9 +18,10 @@ import json
 import re
 from urllib.parse import parse_qs, urlsplit
 
-from twisted.internet import defer, protocol, tcp
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from exposr.compat.twisted import swap_protocol
 from exposr.ingress import forwarding, httphead
 from exposr.ingress.http import raw_error
 
@@ -93,11 +94,10 @@ class FrontDoor(protocol.Protocol):
         self.inner = owner
         transport = self.transport
         owner.makeConnection(transport)
-        if isinstance(transport, tcp.Connection) and transport.protocol is self:
-            # from now on the reactor talks to the owner directly: one call
-            # less per read (neither the owner nor we are half-closeable, so
-            # reads and the connection's end reach the owner as through us)
-            transport.protocol = owner
+        # from now on the reactor talks to the owner directly: one call less
+        # per read (neither the owner nor we are half-closeable, so reads and
+        # the connection's end reach the owner as through us)
+        swap_protocol(transport, self, owner)
         transport.resumeProducing()
         owner.dataReceived(data + b"".join(self.pending_after))
         self.pending_after = None

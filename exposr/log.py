@@ -9,15 +9,19 @@ Nothing logged may carry a secret: callers pass tunnel ids, never account
 numbers, tokens or keys.
 
 `observer` is the factory that `twistd --logger exposr.log.observer` (and the
-``exposrd`` command) installs; `set_level` is called by the service maker once
-the options are known.
+``exposrd`` command) installs; `set_level` and `use_reactor` are called by the
+service maker (the entry point, which knows the reactor) once the options are
+known. Until a reactor is given, every line is written at once.
 
 Access records (`AccessLog`, one per proxied request) are the hot case: once
 `observer` has installed the process's JSON output, they are written to it as
 pre-formatted lines, without a twisted.logger event (building, publishing,
 filtering and formatting one costs several times more than the line). The
 record is the same as the event's would be. Without an installed observer
-(tests, embedding) they are ordinary twisted.logger events.
+(tests, embedding) they are ordinary twisted.logger events. `access_writer`
+gives the installed output, so that a caller can hand it to an `AccessLog`
+explicitly (``AccessLog(namespace, sink=writer)``: anything with
+``write_line(line)``).
 """
 
 import datetime
@@ -59,6 +63,7 @@ _NAMES = {
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _off = False
 _sink = None  # the JSONLineObserver installed by `observer`, for access records
+_reactor = None  # the reactor given by the entry point (`use_reactor`)
 _info_on = {}  # namespace -> whether info passes `_predicate` (reset by set_level)
 _MAIN_THREAD = threading.main_thread().ident
 
@@ -69,6 +74,18 @@ def set_level(name):
     _off = name == "off"
     _predicate.setLogLevelForNamespace(None, LEVELS.get(name, LogLevel.info))
     _info_on.clear()
+
+
+def use_reactor(reactor):
+    """The reactor whose turns the JSON output batches its lines by (from the entry point).
+
+    Applies to the installed output and to the one `observer` makes later
+    (``twistd`` builds the service before it starts logging).
+    """
+    global _reactor
+    _reactor = reactor
+    if _sink is not None:
+        _sink.use_reactor(reactor)
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -117,8 +134,8 @@ class JSONLineObserver:
     ``PYTHONUNBUFFERED=1`` (usual in containers, set in the Docker image)
     every ``write`` of the stream is a system call, which was one more per
     proxied request. Outside a running reactor (start-up, shutdown, other
-    threads) every line is written at once; what is pending when the reactor
-    stops is written by a shutdown trigger.
+    threads, or before a reactor is given) every line is written at once;
+    what is pending when the reactor stops is written by a shutdown trigger.
     """
 
     def __init__(self, out, reactor=None):
@@ -126,6 +143,11 @@ class JSONLineObserver:
         self._pending = []
         self._reactor = None
         if reactor is not None:
+            self._use(reactor)
+
+    def use_reactor(self, reactor):
+        """Batch by the turns of ``reactor`` from now on (unless one was given already)."""
+        if self._reactor is None:
             self._use(reactor)
 
     def _use(self, reactor):
@@ -149,10 +171,9 @@ class JSONLineObserver:
             pending.append(line)
         else:
             reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor
-
-                self._use(reactor)
+            if reactor is None:  # no reactor given (yet): nothing to batch by
+                self._write(line + "\n")
+                return
             if getattr(reactor, "running", False):
                 pending.append(line)
                 reactor.callLater(0, self.flush)
@@ -175,13 +196,18 @@ class JSONLineObserver:
             pass
 
 
+def access_writer():
+    """The JSON output installed by `observer` (what `AccessLog` writes to), or None."""
+    return _sink
+
+
 def observer(out=None):
     """The `twistd --logger` factory: JSON lines on stdout, level-filtered.
 
     The JSON output it makes also becomes the one `AccessLog` writes to.
     """
     global _sink
-    _sink = JSONLineObserver(out or sys.stdout)
+    _sink = JSONLineObserver(out or sys.stdout, _reactor)
     return FilteringLogObserver(_sink, [_predicate])
 
 
@@ -190,12 +216,15 @@ class AccessLog:
 
     The record is the one an ``info`` event of namespace ``namespace`` would
     give (``data``: message, method, path, status, tunnel, client, bytes,
-    duration_ms), written straight to the installed JSON output when there
-    is one (see the module docstring).
+    duration_ms), written straight to ``sink`` (an object with
+    ``write_line(line)``, e.g. a `JSONLineObserver`) when one is given, else
+    to the installed JSON output when there is one (see the module
+    docstring).
     """
 
-    def __init__(self, namespace, host=socket.gethostname(), pid=os.getpid()):
+    def __init__(self, namespace, sink=None, host=socket.gethostname(), pid=os.getpid()):
         self.namespace = namespace
+        self.sink = sink
         self.logger = Logger(namespace=namespace)
         self._head = (',"level":"INFO","logger":%s,"host":%s,"pid":%s,"data":{"message":'
                       % (_quote(namespace), _quote(host), json.dumps(pid)))
@@ -210,7 +239,9 @@ class AccessLog:
         return on
 
     def __call__(self, method, path, status, tunnel, client, nbytes, duration_ms):
-        sink = _sink
+        sink = self.sink
+        if sink is None:
+            sink = _sink
         if sink is None:
             message = f"{method} {path} {status}"
             if "{" in message or "}" in message:

@@ -19,9 +19,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from exposr import __version__
-from exposr.api.admin import Readiness
 from exposr.node import Node
 from exposr.reactor import clear_exit_signal
+from exposr.readiness import Readiness
 
 log = Logger(namespace="exposr.server")
 

@@ -7,32 +7,15 @@ the public client, a request to the target, a WebSocket frame of either end)
 the buffer is nearly always empty, so the bytes can go to the socket at once,
 in the same order; what the socket does not take is buffered as usual.
 
-This reads Twisted's own transport state (``dataBuffer``, ``_tempDataLen``);
-whenever that is not what it expects it takes the ordinary buffered path.
+This reads Twisted's own transport state, so `write_now` lives with the
+other uses of Twisted internals (`exposr.compat.twisted`, which checks once at
+import that the state is there); whenever it is not what it expects it takes
+the ordinary buffered path.
 """
 
-from twisted.internet import tcp
+from exposr.compat.twisted import write_now  # noqa: F401  (the same function: no extra call)
 
-
-def write_now(transport, data):
-    """``transport.write(data)``, sent at once when nothing is buffered."""
-    if (
-        not isinstance(transport, tcp.Connection)
-        or getattr(transport, "_tempDataLen", 1)
-        or getattr(transport, "dataBuffer", b"x")
-        or not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_writeDisconnected", True)
-    ):
-        transport.write(data)
-        return
-    sent = transport.writeSomeData(data)
-    if sent.__class__ is int:
-        if sent == len(data):
-            return
-        data = data[sent:]
-    # a partial send, or an error that Twisted's own write path reports
-    transport.write(data)
+__all__ = ["write_now", "no_delay"]
 
 
 def no_delay(transport):

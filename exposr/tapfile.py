@@ -36,6 +36,7 @@ class ConfiguredService(service.MultiService):
         from exposr.server import ExposrService
 
         log.set_level(self.config.log_level)
+        log.use_reactor(reactor)
         self.server = ExposrService(self.config, reactor)
         self.server.setServiceParent(self)
         service.MultiService.startService(self)

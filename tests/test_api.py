@@ -3,13 +3,13 @@
 import base64
 import json
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
 
 from exposr import model
 from exposr.api.public import PublicAPI
-from exposr.storage.base import StorageError, StorageUnavailable
+from exposr.errors import StorageError, StorageUnavailable
 from exposr.tunnels import NoAltNames
 from tests.support import (JSON, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions, Stack,
                            bearer, make_config)
@@ -55,7 +55,7 @@ class APITestCase(ResponseAssertions, unittest.TestCase):
     def setUp(self):
         overrides = dict(transport=("ws", "ssh"), allow_registration=True)
         overrides.update(self.config_overrides)
-        self.storage = FailingStorage(MemoryStorage(), StorageUnavailable("down"))
+        self.storage = FailingStorage(MemoryStorage(reactor), StorageUnavailable("down"))
         self.stack = Stack(config=make_config(**overrides), storage=self.storage,
                            altnames=self.altnames)
         yield self.stack.open()

@@ -2,13 +2,14 @@
 
 import base64
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from exposr import model
-from exposr.api.admin import AdminAPI, AdminInterface, Readiness, admin_resource, local_node_view
+from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
+from exposr.errors import StorageUnavailable
 from exposr.node import Node
-from exposr.storage.base import StorageUnavailable
+from exposr.readiness import Readiness
 from exposr.storage.memory import MemoryStorage
 from tests.support import (JSON, NODE_ID, FailingStorage, FakeConnection, HTTPServer, ResponseAssertions,
                            Stack, make_config)
@@ -59,7 +60,7 @@ class AdminAPITestCase(ResponseAssertions, unittest.TestCase):
     def setUp(self):
         overrides = dict(transport=("ws", "ssh"))
         overrides.update(self.config_overrides)
-        self.storage = FailingStorage(MemoryStorage(), StorageUnavailable("down"))
+        self.storage = FailingStorage(MemoryStorage(reactor), StorageUnavailable("down"))
         self.stack = Stack(config=make_config(**overrides), storage=self.storage)
         yield self.stack.open()
         self.node = Node(id=NODE_ID, host="1@test", ip="10.0.0.5")

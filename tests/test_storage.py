@@ -1022,7 +1022,7 @@ class PostgresStorageTests(StorageTestsMixin, RecoveryTestsMixin, unittest.TestC
             (kw["host"], kw["port"], kw["user"], kw["password"], kw["dbname"]),
             ("db.example", 5433, "us@er", "p:ss", "exposr"),
         )
-        s = PostgresStorage.from_url("postgres://u@h/d?sslmode=require")
+        s = PostgresStorage.from_url("postgres://u@h/d?sslmode=require", reactor)
         self.assertEqual(s.connect_kwargs["sslmode"], "require")
         yield None
 

@@ -30,18 +30,11 @@ from exposr.api.common import (
     to_bool,
     transport_blocks,
 )
-from exposr.storage.base import InvalidCursor, StorageError, StorageUnavailable
+from exposr.errors import InvalidCursor, StorageError, StorageUnavailable
+from exposr.readiness import Readiness  # noqa: F401  (the admin interface reads it)
 from exposr.tunnels import TunnelNotFound
 
 log = Logger(namespace="exposr.api.admin")
-
-
-class Readiness:
-    """What `/ping` (started) and `/health` (ready) report."""
-
-    def __init__(self, started=False, ready=False):
-        self.started = started
-        self.ready = ready
 
 
 class AdminInterface:

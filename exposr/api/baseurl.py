@@ -2,7 +2,7 @@
 
 Built from ``Forwarded``, ``X-Forwarded-Proto``, ``X-Scheme``, ``Host`` and
 ``X-Forwarded-Port`` in the original's order of precedence, parsed properly
-(known-issues.md A11) by `exposr.ingress.httphead.derive_base_url`. Used for
+by `exposr.httpheaders.derive_base_url`. Used for
 the ``--api-url`` host check and for the WS and SSH endpoint URLs handed to
 clients.
 """
@@ -10,6 +10,8 @@ clients.
 import re
 
 import attrs
+
+from exposr import httpheaders
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -69,13 +71,11 @@ def derive_base_url(headers):
     """
     The `BaseURL` of a request, or None when it cannot be derived (no host,
     invalid scheme, host or port). ``headers``: a Twisted ``Headers``, a
-    mapping or ``(name, value)`` pairs. The parsing is the HTTP head parser's
-    (`exposr.ingress.httphead.derive_base_url`), so the API, the WS endpoint
-    and the ingress agree on it.
+    mapping or ``(name, value)`` pairs. The parsing is the ingress's
+    (`exposr.httpheaders.derive_base_url`), so the API, the WS endpoint and
+    the ingress agree on it.
     """
-    from exposr.ingress import httphead
-
-    parts = httphead.derive_base_url(headers)
+    parts = httpheaders.derive_base_url(headers)
     if parts is None:
         return None
     scheme, host, port = parts

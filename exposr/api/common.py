@@ -16,8 +16,8 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from exposr.api.tlds import TLDS
+from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
-from exposr.storage.base import StorageUnavailable
 
 log = Logger(namespace="exposr.api")
 

@@ -23,7 +23,7 @@ from exposr.api.common import (
     authorization_credential,
     validate_tunnel_body,
 )
-from exposr.storage.base import StorageUnavailable
+from exposr.errors import StorageUnavailable
 from exposr.tunnels import (
     BadAltNames,
     IngressAdministrativelyDisabled,

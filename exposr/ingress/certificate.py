@@ -26,13 +26,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet import task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from exposr.errors import ExposrError
+from exposr.periodic import Periodic
 
 log = Logger(namespace="exposr.ingress.certificate")
 
@@ -293,7 +293,7 @@ def _stat_signature(path):
 
 
 @implementer(IOpenSSLServerConnectionCreator)
-class CertificateWatcher(service.Service):
+class CertificateWatcher(service.MultiService):
     """
     The current SNI certificate, reloaded when its files change.
 
@@ -321,6 +321,7 @@ class CertificateWatcher(service.Service):
         alpn=(),
         wallclock=time.time,
     ):
+        super().__init__()
         self.cert_path = cert_path
         self.key_path = key_path
         self.clock = clock
@@ -329,12 +330,13 @@ class CertificateWatcher(service.Service):
         self.alpn = tuple(alpn)
         self._wallclock = wallclock
         self._listeners = []
-        self._call = None
         self._signature = self._signatures()
         self.current = load_certificate(cert_path, key_path, sni_host, self.alpn)
         self._pending = None  # digest/reason seen failing once (grace)
         self._reported = None  # digest/reason already warned about
         log.info("SNI certificate: {description}", description=self.current.describe())
+        # polls while the watcher runs, first one interval after it starts
+        Periodic(interval, self.check, clock, "SNI certificate check").setServiceParent(self)
 
     # -- IOpenSSLServerConnectionCreator
 
@@ -351,22 +353,6 @@ class CertificateWatcher(service.Service):
     def add_listener(self, callback):
         """``callback(loaded_certificate)`` after every successful reload."""
         self._listeners.append(callback)
-
-    # -- service
-
-    def startService(self):
-        super().startService()
-        self._call = task.LoopingCall(self.check)
-        self._call.clock = self.clock
-        self._call.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("certificate watcher stopped", f)
-        )
-
-    def stopService(self):
-        if self._call is not None and self._call.running:
-            self._call.stop()
-        self._call = None
-        return super().stopService()
 
     # -- polling
 

@@ -13,35 +13,24 @@ import json
 import re
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
+
+from exposr.errors import (  # noqa: F401  (the storage errors, named here too)
+    InvalidCursor,
+    LockTimeout,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+)
+from exposr.periodic import Periodic
 
 log = Logger(namespace="exposr.storage")
 
 NAMESPACES = ("tunnel", "account", "ingress-altnames")
 
 _NS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class StorageError(Exception):
-    """A storage operation failed."""
-
-
-class StorageUnavailable(StorageError):
-    """The backend cannot be reached (the API answers 503)."""
-
-
-class NotFound(StorageError):
-    """The key does not exist (atomic update of a missing key)."""
-
-
-class LockTimeout(StorageError):
-    """The record lock could not be taken in time (Redis, 10.7)."""
-
-
-class InvalidCursor(StorageError, ValueError):
-    """A list cursor that this storage did not hand out."""
 
 
 class IStorage(Interface):
@@ -237,10 +226,13 @@ class BaseStorage(service.Service):
     # -- expiry cleanup (storage.md 10.4/10.5: at start-up and every 5 minutes)
 
     def _start_cleanup(self, clock, interval):
-        """Run `_delete_expired` every ``interval`` s; a failure never stops the loop."""
-        self._cleanup = task.LoopingCall(self._cleanup_tick)
-        self._cleanup.clock = clock
-        self._cleanup.start(interval, now=False)
+        """Run `_delete_expired` every ``interval`` s from now; a failure never stops it.
+
+        The timer is the storage's own (started by `open`, stopped by `close`),
+        not a child service: `open` also runs without the service (migrate).
+        """
+        self._cleanup = Periodic(interval, self._cleanup_tick, clock, "%s expiry cleanup" % type(self).__name__)
+        self._cleanup.startService()
 
     def _cleanup_tick(self):
         if self._cleanup_d is not None:  # never two at once
@@ -259,7 +251,7 @@ class BaseStorage(service.Service):
     @defer.inlineCallbacks
     def _stop_cleanup(self):
         if self._cleanup is not None and self._cleanup.running:
-            self._cleanup.stop()
+            yield self._cleanup.stopService()
         self._cleanup = None
         if self._cleanup_d is not None:
             try:

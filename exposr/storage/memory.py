@@ -2,7 +2,7 @@
 
 Keys keep insertion order; the backend cursor is the decimal offset into that
 order and the end is a call that returns no keys. Updates hold a FIFO mutex per
-key. TTLs are timers on the injected reactor (or `task.Clock`).
+key. TTLs are timers on the injected reactor (or `task.Clock`), which is required.
 """
 
 import copy
@@ -20,9 +20,7 @@ from exposr.storage.base import (
 
 
 class MemoryStorage(BaseStorage):
-    def __init__(self, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, reactor):
         self._reactor = reactor
         self._data = {}  # ns -> {key: dict}
         self._timers = {}  # (ns, key) -> IDelayedCall

@@ -297,7 +297,7 @@ class PostgresStorage(BaseStorage):
 
     def __init__(
         self,
-        reactor=None,
+        reactor,
         clock=None,
         pool_size=10,
         open_attempts=5,
@@ -307,8 +307,6 @@ class PostgresStorage(BaseStorage):
         reconnect_max_delay=5.0,
         **connect_kwargs,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.pool_size = pool_size
@@ -326,7 +324,7 @@ class PostgresStorage(BaseStorage):
         self._cleanup_d = None
 
     @classmethod
-    def from_url(cls, url, reactor=None, pool_size=10, **kwargs):
+    def from_url(cls, url, reactor, pool_size=10, **kwargs):
         """``postgres://user:password@host[:port]/database[?libpq-param=value...]``."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("postgres", "pgsql", "postgresql"):

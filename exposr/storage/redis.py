@@ -23,6 +23,7 @@ import txredisapi
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 
+from exposr.compat.txredisapi import usable
 from exposr.storage.base import (
     BaseStorage,
     KeyedLock,
@@ -90,7 +91,8 @@ class RedisStorage(BaseStorage):
         db=None,
         password=None,
         username=None,
-        reactor=None,
+        *,
+        reactor,
         pool_size=2,
         open_attempts=5,
         open_retry_delay=1.0,
@@ -102,8 +104,6 @@ class RedisStorage(BaseStorage):
         lock_retry_jitter=0.1,
         lock_extend_interval=0.5,
     ):
-        if reactor is None:
-            from twisted.internet import reactor
         self._reactor = reactor
         self.host = host
         self.port = int(port)
@@ -125,7 +125,7 @@ class RedisStorage(BaseStorage):
         self._locks = KeyedLock()
 
     @classmethod
-    def from_url(cls, url, reactor=None, **kwargs):
+    def from_url(cls, url, reactor, **kwargs):
         """``redis://[[user]:password@]host[:port][/db]``."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("redis",):
@@ -228,7 +228,7 @@ class RedisStorage(BaseStorage):
         factory = self._factory
         if factory is None:
             raise StorageUnavailable("Redis storage is not open")
-        live = [c for c in factory.pool if c.connected and c._ready]
+        live = usable(factory)
         if not live:
             raise StorageUnavailable("no connection to Redis at %s" % self.describe())
         self._next = (self._next + 1) % len(live)

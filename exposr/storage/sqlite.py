@@ -49,9 +49,7 @@ class SqliteStorage(BaseStorage):
     drives the cleanup timer.
     """
 
-    def __init__(self, path, reactor=None, clock=None, busy_timeout=5.0):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, path, reactor, clock=None, busy_timeout=5.0):
         self.path = path
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor

@@ -22,7 +22,7 @@ still ahead.
 import struct
 from random import getrandbits
 
-from autobahn.websocket.xormasker import create_xor_masker
+from exposr.compat.autobahn import autobahn_receive, compression, create_xor_masker
 
 SMALL_XOR = 1024  # up to this payload size, XOR with Python ints beats NVX's set-up
 
@@ -102,17 +102,17 @@ class FastReceive:
             data = b"".join(rx[0])
             self._rx = None
             if self.state != self.STATE_OPEN:
-                self._dataReceived(data)
+                autobahn_receive(self, data)
                 return
         elif (self.state != self.STATE_OPEN or self.data or self.current_frame is not None
               or self.inside_message or self.mux is None):
-            self._dataReceived(data)
+            autobahn_receive(self, data)
             return
         limit = self._rx_limit
         if limit is None:
             limit = min((v for v in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if v > 0),
                         default=1 << 63)
-            if self._perMessageCompress is not None:
+            if compression(self) is not None:
                 limit = -1  # compressed frames (RSV1) are never taken anyway; be explicit
             self._rx_limit = limit
         receive = self.mux.receive
@@ -169,4 +169,4 @@ class FastReceive:
                 # wait for the rest of this frame (joined once, not per read)
                 self._rx = [[rest], end - pos, need]
             else:
-                self._dataReceived(rest)
+                autobahn_receive(self, rest)
