@@ -1,0 +1,6 @@
+"""Clustering: the signed event bus shared by all nodes.
+
+`envelope` is the sans-I/O codec (sign, verify, replay window); `bus` holds
+the core every bus shares and the single-node `LocalBus`; `redisbus` carries
+the same messages over Redis pub/sub.
+"""
