@@ -88,11 +88,11 @@ def main():
     # the access records go to a throwaway JSON output of the bench's own,
     # handed to the ingress's access log explicitly (not installed globally)
     sink = log.JSONLineObserver(io.StringIO(), reactor=_NoShutdown())
-    ingress_http.access_log = log.AccessLog(ingress_http.access_log.namespace, sink=sink)
+    access_log = log.AccessLog("exposr.ingress.http.access", sink=sink)
     clock = task.Clock()
     config = config_mod.Config(ingress_http_url="http://example.com:8080")
     registry = _Registry()
-    ingress = HTTPIngress(config, Router(_Tunnels(), registry, clock), "node", clock)
+    ingress = HTTPIngress(config, Router(_Tunnels(), registry, clock), "node", clock, access_log=access_log)
     session = ingress.session()
     public = _Public()
     public.written = 0

@@ -10,7 +10,6 @@ here is stored.
 import uuid
 
 import attrs
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,6 +18,7 @@ from zope.interface import implementer
 from exposr.errors import NoConnectionError
 from exposr.interfaces import ITunnelConnection
 from exposr.model import describe_error, epoch_ms
+from exposr.periodic import Periodic
 
 log = Logger(namespace="exposr.connections")
 
@@ -128,7 +128,7 @@ class ConnectionRegistry(MultiService):
     ``ConnectionRegistry(config, node_id, clock)``: connection state only; it
     knows no tunnel records (`TunnelService.register` checks the tunnel and its
     account, then calls `add`). A service: the expiry sweep is a child
-    `TimerService` every `REFRESH_INTERVAL`; stopping disconnects every local
+    `Periodic` every `REFRESH_INTERVAL`; stopping disconnects every local
     connection.
     """
 
@@ -143,9 +143,7 @@ class ConnectionRegistry(MultiService):
         self.remote_opener = None
         self._tunnels = {}
         self._listeners = []
-        sweep = TimerService(REFRESH_INTERVAL, self._sweep)
-        sweep.clock = clock
-        sweep.setServiceParent(self)
+        Periodic(REFRESH_INTERVAL, self.expire, clock, "connection expiry sweep").setServiceParent(self)
 
     def _now_ms(self):
         return epoch_ms(self.clock.seconds())
@@ -400,12 +398,6 @@ class ConnectionRegistry(MultiService):
                 or now - state.disconnected_at >= FORGET_STATE_AFTER * 1000
             ):
                 del self._tunnels[tunnel_id]
-
-    def _sweep(self):
-        try:
-            self.expire()
-        except Exception:
-            log.error("Connection expiry sweep failed: {error}", error=describe_error())
 
     def startService(self):
         self.stopping = False

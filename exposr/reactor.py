@@ -77,14 +77,3 @@ def install_if_none():
     if "twisted.internet.reactor" not in sys.modules:
         install()
 
-
-def clear_exit_signal(reactor):
-    """Make twistd exit 0 after a shutdown begun by SIGTERM/SIGINT.
-
-    twistd re-raises the signal that stopped the reactor once it returns, so
-    the process status would show the signal. The reactor keeps that signal
-    in ``_exitSignal`` (`twisted.internet.interfaces._ISupportsExitSignalCapturing`,
-    Twisted 26.10); reactors without it are left alone.
-    """
-    if getattr(reactor, "_exitSignal", None) is not None:
-        reactor._exitSignal = None

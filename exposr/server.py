@@ -19,8 +19,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from exposr import __version__
+from exposr.compat.twisted import clear_exit_signal
 from exposr.node import Node
-from exposr.reactor import clear_exit_signal
 from exposr.readiness import Readiness
 
 log = Logger(namespace="exposr.server")

@@ -85,11 +85,11 @@ class AccountServiceTests(unittest.TestCase):
     def test_disable_disconnects_and_refuses_authorization(self):
         account, tunnel = yield self.stack.account_and_tunnel()
         conn = FakeConnection("my-tunnel", registry=self.stack.registry)
-        ok = yield self.stack.registry.register(conn, account["id"])
+        ok = yield self.stack.tunnels.register(conn, account["id"])
         self.assertTrue(ok)
         tunnel = yield self.stack.tunnels.get("my-tunnel")
         token = tunnel["transport"]["token"]
-        yield self.stack.accounts.set_disabled(account["id"], True, "spam")
+        yield self.stack.tunnels.set_account_disabled(account["id"], True, "spam")
         self.assertEqual(len(conn.disconnected), 1)
         self.assertFalse(self.stack.registry.state("my-tunnel")["connected"])
         auth = yield self.stack.tunnels.authorize("my-tunnel", token)
@@ -118,7 +118,7 @@ class AccountServiceTests(unittest.TestCase):
     def test_delete_deletes_tunnels(self):
         account, _ = yield self.stack.account_and_tunnel("first")
         yield self.stack.tunnels.create("second", account["id"])
-        deleted = yield self.stack.accounts.delete(account["id"])
+        deleted = yield self.stack.tunnels.delete_account(account["id"])
         self.assertTrue(deleted)
         for tunnel_id in ("first", "second"):
             tunnel = yield self.stack.tunnels.get(tunnel_id)
@@ -131,16 +131,16 @@ class AccountServiceTests(unittest.TestCase):
     def test_delete_hr_form(self):
         """D3: the id is normalised before the tunnels are deleted."""
         account, _ = yield self.stack.account_and_tunnel("first")
-        deleted = yield self.stack.accounts.delete(model.format_account_id(account["id"]).lower())
+        deleted = yield self.stack.tunnels.delete_account(model.format_account_id(account["id"]).lower())
         self.assertTrue(deleted)
         tunnel = yield self.stack.tunnels.get("first")
         self.assertIsNone(tunnel)
 
     @defer.inlineCallbacks
     def test_delete_missing(self):
-        deleted = yield self.stack.accounts.delete("MPW4YDYVNPFXVV2D")
+        deleted = yield self.stack.tunnels.delete_account("MPW4YDYVNPFXVV2D")
         self.assertFalse(deleted)
-        deleted = yield self.stack.accounts.delete("garbage")
+        deleted = yield self.stack.tunnels.delete_account("garbage")
         self.assertFalse(deleted)
 
     @defer.inlineCallbacks

@@ -125,7 +125,7 @@ class ClientFlowTests(APITestCase):
         self.assertJSON(r, 200, fill(VECTOR_WS, t, created))
 
         conn = FakeConnection("demo-tunnel", registry=self.stack.registry)
-        ok = yield self.stack.registry.register(conn, account_id)
+        ok = yield self.stack.tunnels.register(conn, account_id)
         self.assertTrue(ok)
         now = model.epoch_ms(self.stack.clock.seconds())
         r = yield self.request("GET", "/v1/tunnel/demo-tunnel", headers=host, token=token)
@@ -157,7 +157,7 @@ class ClientFlowTests(APITestCase):
         yield self.patch({"target": {"url": "http://x.example"}}, "log-tunnel", token=token)
         conn = FakeConnection("log-tunnel", registry=self.stack.registry)
         tunnel = yield self.stack.tunnels.get("log-tunnel")
-        yield self.stack.registry.register(conn, account_id)
+        yield self.stack.tunnels.register(conn, account_id)
         yield self.request("DELETE", "/v1/tunnel/log-tunnel", token=token)
         text = "\n".join(formatEvent(e) or "" for e in events)
         self.assertIn("log-tunnel", text)

@@ -87,6 +87,18 @@ class TwistedTests(unittest.TestCase):
         self.assertFalse(compat_twisted.swap_protocol(t, p, _Recorder()))
         self.assertIs(t.protocol, p)
 
+    def test_the_exit_signal_twistd_reraises_is_where_clear_exit_signal_looks(self):
+        # twistd reads reactor._exitSignal after the reactor stops; if the
+        # attribute moved, a graceful SIGTERM would end with the signal again
+        self.assertTrue(hasattr(type(reactor), "_exitSignal"))
+
+        class Signalled:
+            _exitSignal = 15
+
+        signalled = Signalled()
+        compat_twisted.clear_exit_signal(signalled)
+        self.assertIsNone(signalled._exitSignal)
+
     def test_the_installed_exposr_reactor_has_the_epoll_internals_it_uses(self):
         from exposr import reactor as exposr_reactor
 

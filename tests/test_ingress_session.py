@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from exposr import errors
+from exposr.router import Router
 from exposr.ingress.http import HEAD_TIMEOUT, HTTPIngress
 from tests.fake_connection import FakeRegistry, FakeTunnelConnection
 
@@ -30,7 +31,7 @@ def make_ingress(clock, tunnels, registry, node_id=NODE):
         ingress_http_trusted_proxies=[],
         ingress_http_agent_idle_timeout=IDLE_TIMEOUT,
     )
-    return HTTPIngress(config, tunnels, registry, node_id, clock)
+    return HTTPIngress(config, Router(tunnels, registry, clock), node_id, clock)
 
 
 class FakeTunnels:
@@ -48,6 +49,9 @@ class FakeTunnels:
 
     def get(self, tunnel_id):
         return self.records.get(tunnel_id)
+
+    def on_change(self, callback):
+        """This node's record changes (none happen in these tests)."""
 
 
 def request(path=b"/", host=b"t1.tunnels.test", extra=b"", method=b"GET"):

@@ -575,7 +575,7 @@ class RealDomainTests(Base):
         token = tunnel["transport"]["token"]
         changed = Event()
         stack.registry.on_change(lambda tid: changed.fire())
-        service, _, _ = yield start_server(self, tunnels=stack.tunnels, registry=stack.registry)
+        service, _, _ = yield start_server(self, tunnels=stack.tunnels, registry=stack.tunnels)
         port = yield http_target(self, b"real")
         proc = spawn_ssh(
             self, service.port, "my-tunnel:" + token, "-N", "-R", "example.com:80:127.0.0.1:%d" % port
