@@ -112,8 +112,12 @@ class _Splice:
         channel.on_resume = lambda: self.stall("peer", False)
         if ws.carrier_paused:
             self._stall.add("carrier")
-        self._connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
-        self._connecting.addErrback(self._connect_failed)
+        self._connecting = None
+        connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
+        # an endpoint may connect at once: target_up has then run already
+        if self.target is None and not connecting.called:
+            self._connecting = connecting
+        connecting.addErrback(self._connect_failed)
 
     # channel -> target
     def _data(self, data):
