@@ -152,10 +152,11 @@ class _UpstreamFactory(protocol.Factory):
 class UpstreamPool:
     """Idle keep-alive upstream streams of one route (8.5): a tunnel, on this node."""
 
-    def __init__(self, ingress, key, endpoint):
+    def __init__(self, ingress, key, endpoint, idle_timeout):
         self.ingress = ingress
         self.key = key
         self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
         self.idle = []
         self.factory = _UpstreamFactory(self)
 
@@ -193,14 +194,14 @@ class UpstreamPool:
         ingress = self.ingress
         up.idle_since = ingress.clock.seconds()
         if up.idle_timer is None:
-            up.idle_timer = ingress.clock.callLater(ingress.idle_timeout, self._expire, up)
+            up.idle_timer = ingress.clock.callLater(self.idle_timeout, self._expire, up)
         self.idle.append(up)
 
     def _expire(self, up):
         up.idle_timer = None
         if up.idle_since is None or up.lost:
             return  # in use (or gone): release() arms a new timer
-        left = up.idle_since + self.ingress.idle_timeout - self.ingress.clock.seconds()
+        left = up.idle_since + self.idle_timeout - self.ingress.clock.seconds()
         if left > 0:
             up.idle_timer = self.ingress.clock.callLater(left, self._expire, up)
             return
@@ -276,7 +277,12 @@ class HTTPIngress:
     def pool(self, route):
         pool = self.pools.get(route.key)
         if pool is None:
-            pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint)
+            timeout = self.idle_timeout
+            if route.remote:
+                # another node's ingress closes a kept-alive connection that
+                # waited HEAD_TIMEOUT for a request: reuse it well before that
+                timeout = min(timeout, HEAD_TIMEOUT / 2)
+            pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
     def route(self, tunnel, tunnel_id, head, upgrade=False):
