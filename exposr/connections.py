@@ -1,5 +1,5 @@
-"""The runtime connection registry (accounts-tunnels.md 3.5, ws-multiplex.md 6.9,
-cluster.md 11.7-11.8).
+"""The runtime connection registry (docs/protocol.rst, "Connection state" and
+"Cluster").
 
 Per tunnel it keeps the connections known anywhere in the cluster: local ones
 (an `ITunnelConnection` held by this node) and remote ones (learnt from peer
@@ -22,7 +22,7 @@ from exposr.periodic import Periodic
 
 log = Logger(namespace="exposr.connections")
 
-# cluster.md 11.8
+# the state sweep (docs/protocol.rst, "Connection state")
 REFRESH_INTERVAL = 10.0  # seconds between expiry sweeps
 REMOTE_ALIVE_THRESHOLD = 15.0  # remote connection not re-announced → disconnected
 REMOVE_DISCONNECTED_AFTER = 60.0  # disconnected connection records are dropped
@@ -61,7 +61,7 @@ class ConnectionRecord:
         return out
 
     def announcement(self):
-        """The entry of a ``tunnel:announce`` message (cluster.md 11.7)."""
+        """The entry of a ``tunnel:announce`` message (docs/protocol.rst, "Cluster")."""
         out = {
             "connection_id": self.connection_id,
             "node": self.node,
@@ -195,7 +195,7 @@ class ConnectionRegistry(MultiService):
                 state.disconnected_at = now
 
     def state(self, tunnel_id):
-        """The tunnel's connection state (accounts-tunnels.md 3.5); ms timestamps."""
+        """The tunnel's connection state (docs/protocol.rst, "Connection state"); ms timestamps."""
         state = self._tunnels.get(tunnel_id)
         if state is None:
             return {"connected": False, "alive_connections": 0, "connections": []}
@@ -390,7 +390,7 @@ class ConnectionRegistry(MultiService):
             return chosen.conn
         return RemoteConnection(self, chosen, tunnel_id)
 
-    # -- expiry (cluster.md 11.8) -----------------------------------------
+    # -- expiry -----------------------------------------------------------
 
     def expire(self):
         """One sweep: stale remote connections, old records, forgotten tunnels."""

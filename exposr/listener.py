@@ -1,13 +1,13 @@
 """The front door of the shared HTTP port: API, WebSocket endpoint or HTTP ingress.
 
 Every connection starts here. The first request head decides who owns the
-connection (reference api.md 4.1):
+connection (see docs/protocol.rst, "The shared HTTP port"):
 
 1. the HTTP ingress, when its ``Host`` is ``<tunnel>.<ingress domain>`` or a
    registered alt name;
 2. for an upgrade to ``/v1/tunnel/<id>/ws-endpoint?t=<token>``: the WebSocket
    transport, once the token is authorised (refusals answered here with the
-   JSON the reference recommends);
+   JSON answers of docs/protocol.rst, "WebSocket endpoint");
 3. otherwise the REST API (a twisted.web ``Site``), subject to ``--api-url``.
 
 The owner gets the connection with every byte read so far. Reading is paused

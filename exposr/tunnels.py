@@ -1,4 +1,4 @@
-"""The tunnel service (accounts-tunnels.md 3): create, read, update, delete,
+"""The tunnel service: create, read, update, delete,
 disconnect, authorize, rotate the connection token, list.
 
 Tokens are secrets: they never appear in log lines.
@@ -201,7 +201,7 @@ class TunnelService:
 
     def update_config(self, tunnel_id, account_id, changes):
         """
-        Apply a validated API body (api.md 4.3): ``changes`` is a dict with the
+        Apply a validated API body (PUT/PATCH): ``changes`` is a dict with the
         optional nested keys ``ingress.http.enabled``, ``ingress.http.alt_names``
         (list or None), ``ingress.sni.enabled``, ``target.url`` (str or None),
         ``transport.ws.enabled``, ``transport.ssh.enabled``.
@@ -311,7 +311,7 @@ class TunnelService:
         """
         Drop every connection of the tunnel: True when it is no longer
         connected. A foreign tunnel (``account_id`` not the owner) answers
-        False (A5); a missing one fails with `TunnelNotFound`.
+        False (as the original); a missing one fails with `TunnelNotFound`.
         """
         record = yield self.get(tunnel_id)
         if record is None:

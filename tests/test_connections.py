@@ -1,4 +1,4 @@
-"""The connection registry (accounts-tunnels.md 3.5, ws-multiplex.md 6.9, cluster.md 11.8)."""
+"""The connection registry (docs/protocol.rst, "Connection state")."""
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -215,7 +215,7 @@ class RegistryTests(unittest.TestCase):
 
 
 class ClusterStateTests(unittest.TestCase):
-    """The cluster.md 11.8 vector and remote selection."""
+    """Cluster-wide state from announcements of two nodes, and remote selection."""
 
     def setUp(self):
         self.stack = Stack()

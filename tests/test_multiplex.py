@@ -158,8 +158,8 @@ class FramingTests(SynchronousTestCase):
                          b"a")
 
 
-# Lines copied from vectors/session-ws.txt (a real exposr 0.10 <-> exposrd
-# 0.12 session): the decoded header, and the payload of the CONT frame.
+# Lines copied from a recorded session (a real exposr 0.10 <-> exposrd 0.12):
+# the decoded header, and the payload of the CONT frame.
 RECORDED = [
     ("WSM v2 OPEN dst=0 src=1 length=0", b"",
      "0002 0002 00000000 00000001 00000000"),

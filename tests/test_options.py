@@ -323,7 +323,7 @@ class UrlTests(TestCase, ErrorMixin):
 
 
 class ResolutionTests(TestCase, ErrorMixin):
-    """Two-phase resolution, config.md 1.1 and tests-checklist "Configuration"."""
+    """Two-phase resolution of dependent defaults (docs/protocol.rst, "Configuration")."""
 
     def test_redis_url_alone(self):
         config = ok("--redis-url", "redis://redis")

@@ -1,4 +1,4 @@
-"""The SSH transport against a real OpenSSH client (reference/ssh.md)."""
+"""The SSH transport against a real OpenSSH client (docs/protocol.rst, "SSH transport")."""
 
 import hashlib
 import os
@@ -53,7 +53,7 @@ class Base(unittest.TestCase):
 
 
 class TargetTests(unittest.TestCase):
-    """ssh.md 7.6 worked examples (plus the S4 fix)."""
+    """The original's ``tcpip-forward`` examples, plus ports 80/443 adopted (docs/protocol.rst, "Remote forwarding")."""
 
     def check(self, current, address, port, new, reply):
         d = forward_target(current, address, port)
@@ -259,7 +259,7 @@ class DisconnectTests(Base):
             proc.stdout,
             b"Target URL: http://example.com/\r\nHTTP ingress: http://tun1.localhost:8080/\r\n",
         )
-        proc.transport.closeStdin()  # EOF on the session: the whole connection ends (S5)
+        proc.transport.closeStdin()  # EOF on the session: the whole connection ends
         yield registry.wait_unregistered(conn)
         yield proc.ended
 
@@ -585,7 +585,7 @@ class RealDomainTests(Base):
         self.assertIsInstance(conn, sshmod.SSHTunnelConnection)
         yield conn.when_forwarded()
         record = yield stack.tunnels.get("my-tunnel")
-        self.assertEqual(record["target"]["url"], "http://example.com/")  # S4: port 80 adopted
+        self.assertEqual(record["target"]["url"], "http://example.com/")  # port 80 adopted
         self.assertNotEqual(record["transport"]["token"], token)  # rotated
         proto = Collect(b"GET / HTTP/1.0\r\n\r\n")
         yield conn.open_stream(OneShot(proto))

@@ -1,11 +1,11 @@
-"""The admin interface (``/ping``, ``/health``) and the admin API (admin.md 5).
+"""The admin interface (``/ping``, ``/health``) and the admin API (``/v1/admin/...``).
 
 * ``AdminInterface(readiness)``: ``/ping`` 200 once started, ``/health`` 200
   while ready, everything else 404.
 * ``AdminAPI(config, accounts, tunnels, registry, nodes=None,
   ssh_fingerprint=None)``: the ``/v1/admin/...`` routes.
 * ``admin_resource(interface=None, api=None)``: one resource routing by path,
-  for both on one port (known-issues.md D1).
+  for both on one port (the original let the interface answer everything).
 """
 
 import hmac

@@ -1,4 +1,4 @@
-"""The public REST API (api.md 4): accounts, tokens and tunnels, as a klein app.
+"""The public REST API: accounts, tokens and tunnels, as a klein app.
 
 ``PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=None)``;
 ``.resource()`` is the IResource to serve; ``.claims(request)`` tells the
@@ -60,7 +60,7 @@ class PublicAPI:
         return app_resource(self.app)
 
     def claims(self, request):
-        """True when this request is for the API (``--api-url`` host rule, api.md 4.1)."""
+        """True when this request is for the API (its base URL host is ``--api-url``'s, if set)."""
         if self._api_host is None:
             return True
         base = request_base_url(request)
@@ -97,7 +97,7 @@ class PublicAPI:
         return account, None
 
     def tunnel_info(self, tunnel, base):
-        """The public tunnel representation (api.md 4.4)."""
+        """The public tunnel representation (``GET /v1/tunnel/<id>``)."""
         state = self.registry.state(tunnel["id"]) if self.registry is not None else {}
         connection = {
             "connected": bool(state.get("connected")),
@@ -174,7 +174,7 @@ class PublicAPI:
             return None, bad_input(request, e.field)
 
     async def _tunnel_caller(self, request, tunnel_id):
-        """Path check (before authentication, as the reference), then the caller's account."""
+        """Path check (before authentication, as the original), then the caller's account."""
         error = self._tunnel_id_error(request, tunnel_id)
         if error is not None:
             return None, error
@@ -259,7 +259,7 @@ class PublicAPI:
 
 
 def _disabled(account):
-    """A disabled account gets the answers of an unknown one (known-issues A4).
+    """A disabled account gets the answers of an unknown one.
 
     The original refuses only its tunnel connections; here it can no longer
     fetch a token or manage tunnels either, and the exposr client handles

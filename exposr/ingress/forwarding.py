@@ -1,4 +1,4 @@
-"""What the HTTP ingress changes in a request head (reference ingress-http.md 8.4).
+"""What the HTTP ingress changes in a request head (docs/protocol.rst, "Forwarding headers").
 
 Pure functions over `httphead.RequestHead`: the client address (believing
 ``X-Forwarded-For`` only from trusted proxies), loop detection through
@@ -84,7 +84,9 @@ def _hostport(host, port, scheme):
 
 
 def _rewrite_toward_target(value, original_host, target):
-    """Host/Origin/Referer rewrite of 8.4 (with the original's quirks H6 fixed)."""
+    """Host/Origin/Referer rewrite toward the target: a URL whose host is the
+    request's Host gets the target's scheme and host[:port] (values starting with
+    "http" included, no "/" added), any other value becomes the target's host[:port]."""
     text = value.decode("latin-1")
     t_hostport = _hostport(target.hostname or "", target.port, target.scheme)
     if "://" in text:
@@ -115,7 +117,7 @@ class Rewriter:
         self._plans = {}
 
     def rewrite(self, head, ip, base, target_url, local=True, upgrade=None):
-        """Mutate ``head`` as 8.4 says; `base` from `base_url`; ``target_url`` str or None.
+        """Mutate ``head`` (docs/protocol.rst, "Forwarding headers"); `base` from `base_url`; ``target_url`` str or None.
 
         One pass to read, one pass to write (this runs for every request):
         each replaced header takes the position of its first occurrence,

@@ -1,4 +1,4 @@
-"""HTTP ingress: virtual hosts on the shared port (reference ingress-http.md).
+"""HTTP ingress: virtual hosts on the shared port (docs/protocol.rst, "HTTP ingress").
 
 A request whose ``Host`` is ``<tunnel>.<ingress domain>`` (or a registered alt
 name) is proxied to the tunnel. Only request and response *heads* are parsed
@@ -33,7 +33,7 @@ _default_access_log = AccessLog("exposr.ingress.http.access")
 HEAD_TIMEOUT = 30.0
 ROUTE_INFO_MAX = 10000  # memoised (host, client address, base URL) entries per cache
 
-# refusals of the router as the ingress answers them (8.3)
+# refusals of the router as the ingress answers them (docs/protocol.rst, "Ingress errors")
 _REFUSALS = {
     Reason.NOT_FOUND: (404, "TUNNEL_NOT_FOUND"),
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
@@ -71,7 +71,7 @@ def json_response(status, body, version=b"HTTP/1.1", close=False):
 
 
 def raw_error(status, code, version=b"HTTP/1.1"):
-    """The raw answer to an upgrade request (8.8): status line, JSON body, close."""
+    """The raw answer to an upgrade request: status line, JSON body, close (no 101)."""
     return json_response(status, {"error": code}, version=version, close=True)
 
 
@@ -83,7 +83,7 @@ class IngressError(Exception):
 
 
 def _stream_error(failure):
-    """Map a failure to open an upstream stream to 8.6's answer."""
+    """Map a failure to open an upstream stream: 429 at the channel limit, else 502."""
     if failure.check(errors.ChannelLimitError):
         return IngressError(429, "TUNNEL_TRANSPORT_REQUEST_LIMIT")
     return IngressError(502, "TUNNEL_TARGET_CON_FAILED")
@@ -150,7 +150,7 @@ class _UpstreamFactory(protocol.Factory):
 
 
 class UpstreamPool:
-    """Idle keep-alive upstream streams of one route (8.5): a tunnel, on this node."""
+    """Idle keep-alive upstream streams of one route: a tunnel, on this node."""
 
     def __init__(self, ingress, key, endpoint, idle_timeout):
         self.ingress = ingress
@@ -257,7 +257,7 @@ class HTTPIngress:
         router.on_change(self._connection_changed)
 
     def _connection_changed(self, tunnel_id):
-        # drop pooled streams of a tunnel that lost its last connection (H7)
+        # pooled streams of a tunnel that lost its last connection are dropped, not reused
         if not self.router.is_connected(tunnel_id):
             pool = self.pools.pop(tunnel_id, None)
             if pool is not None:
@@ -286,7 +286,7 @@ class HTTPIngress:
         return pool
 
     def route(self, tunnel, tunnel_id, head, upgrade=False):
-        """The router's `Route` for a request, or IngressError (8.3, in this order)."""
+        """The router's `Route` for a request, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
         router = self.router
         try:
             router.check_http(tunnel, tunnel_id)
@@ -680,7 +680,7 @@ class IngressSession(protocol.Protocol):
             return
         if self.response_started:
             # the response began: the client can only learn by the connection
-            # being cut (never a JSON error appended to a body, H4)
+            # being cut (never a JSON error appended to a body, as the original did)
             self._access()
             self.transport.abortConnection()
             self._closed()
