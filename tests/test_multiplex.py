@@ -15,7 +15,7 @@ from exposr.transport.multiplex import (
     FrameError, KeepAlive, Multiplexer, MultiplexerClosed, UnsupportedVersion,
     decode, encode)
 
-VECTORS = "/work/shared/vectors/session-ws.txt"
+VECTORS = os.path.join(os.path.dirname(__file__), "vectors", "session-ws.txt")
 
 
 def hdr(type, dst, src, length=0, version=2):
