@@ -124,6 +124,9 @@ class ClientFlowTests(APITestCase):
                              headers=host, token=token)
         self.assertJSON(r, 200, fill(VECTOR_WS, t, created))
 
+        # what a transport does: authorise with the token (which consumes it), register
+        authorized = yield self.stack.tunnels.authorize("demo-tunnel", t)
+        self.assertIsNotNone(authorized)
         conn = FakeConnection("demo-tunnel", registry=self.stack.registry)
         ok = yield self.stack.tunnels.register(conn, account_id)
         self.assertTrue(ok)
