@@ -26,6 +26,7 @@ from exposr.log import AccessLog
 from exposr.router import Router
 from exposr.config import Config
 from exposr.storage import storage_from_url
+from exposr.storage.guard import GuardedStorage
 from exposr.tunnels import TunnelService
 
 
@@ -93,6 +94,9 @@ DEFAULT_CLUSTER_KEY = attrs.fields(Config).cluster_key.default
 def build(config, reactor, node, readiness):
     """Every part of the server for a `Config`, wired through constructors."""
     storage = storage_from_url(config.storage_url, reactor, pool_size=config.storage_pgsql_connection_pool_size)
+    if not config.storage_url.startswith("memory:"):
+        # every call answered within a bounded time, and at once while the store is down
+        storage = GuardedStorage(storage, reactor, timeout=config.storage_timeout)
     listeners = {}
     sni = SNICertificates(config, reactor, listeners) if config.sni_ingress_enabled else None
 

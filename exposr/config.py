@@ -78,6 +78,7 @@ class Config:
 
     # Storage
     storage_url: str = "memory://"
+    storage_timeout: float = 5.0  # seconds a storage call may take, waits included
     storage_pgsql_connection_pool_size: int = 10
 
     # DNS used to verify alt names: "host[:port]", or None for the system resolver.

@@ -300,6 +300,8 @@ OPTIONS = (
       "Seconds a multi-node server waits for peers before it is ready (20).", default=None, hidden=True),
     # Storage
     O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
+    O("storage-timeout", _seconds,
+      "Seconds a storage call may take (waits included) before it is answered as unavailable."),
     O("storage-pgsql-connection-pool-size", _positive_int,
       "PostgreSQL connection pool size.", hidden=True),
     # Deprecated

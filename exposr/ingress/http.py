@@ -38,6 +38,7 @@ _REFUSALS = {
     Reason.NOT_FOUND: (404, "TUNNEL_NOT_FOUND"),
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
     Reason.UNREACHABLE: (502, "TUNNEL_TARGET_CON_FAILED"),
+    Reason.STORAGE_UNAVAILABLE: (503, "TUNNEL_LOOKUP_UNAVAILABLE"),
 }
 
 _REASONS = {
@@ -80,6 +81,13 @@ class IngressError(Exception):
         super().__init__(code)
         self.status = status
         self.code = code
+
+
+def _refused(refusal, upgrade):
+    """The answer to a refusal of the router."""
+    if refusal.reason is Reason.NOT_CONNECTED:
+        return IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
+    return IngressError(*_REFUSALS[refusal.reason])
 
 
 def _stream_error(failure):
@@ -294,10 +302,7 @@ class HTTPIngress:
                 raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
             return router.route(tunnel_id)
         except Refusal as refusal:
-            reason = refusal.reason
-            if reason is Reason.NOT_CONNECTED:
-                raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
-            raise IngressError(*_REFUSALS[reason])
+            raise _refused(refusal, upgrade)
 
     def route_info(self, head, peer_ip, trusted):
         """(host for `claim`, client address, base URL) of a request head.
@@ -579,7 +584,9 @@ class IngressSession(protocol.Protocol):
         if self.state == CLOSED:
             return
         err = failure.value
-        if not isinstance(err, IngressError):
+        if isinstance(err, Refusal):
+            err = _refused(err, self.upgrade)
+        elif not isinstance(err, IngressError):
             if failure.check(errors.StreamError):
                 err = _stream_error(failure)
             else:

@@ -66,6 +66,7 @@ _REFUSALS = {
     Reason.SNI_DISABLED: "SNI ingress not enabled for {}",
     Reason.NOT_CONNECTED: "tunnel {} is not connected",
     Reason.UNREACHABLE: "tunnel {} is connected only on nodes that cannot be reached",
+    Reason.STORAGE_UNAVAILABLE: "tunnel {} could not be looked up (storage failing)",
 }
 
 
