@@ -275,11 +275,40 @@ class DiscoveryTests(unittest.TestCase):
     def heartbeat_times(self):
         return [round(t - START, 3) for t, _ in self.network.sent("cluster:heartbeat")]
 
+    def test_discovery_wait(self):
+        a = ClusterNode(self, NODE_A, self.clock, self.network, make_config(), discovery_wait=20)
+        d = a.cluster.discovery_wait()
+        advance_to(self.clock, 19.999)
+        self.assertNoResult(d)
+        self.assertEqual(self.heartbeat_times(), [0, 2, 4, 6, 8, 9.5, 10, 12, 14, 16, 18, 19])
+        advance_to(self.clock, 20)
+        self.assertIsNone(self.successResultOf(d))
+        advance_to(self.clock, 40)
+        self.assertEqual(self.heartbeat_times()[12:], [28.5, 38])
+
+    def test_discovery_learns_peers(self):
+        a = ClusterNode(self, NODE_A, self.clock, self.network, make_config(), discovery_wait=5)
+        d = a.cluster.discovery_wait()
+        advance_to(self.clock, 1)
+        ClusterNode(self, NODE_B, self.clock, self.network, make_config())
+        advance_to(self.clock, 5)
+        self.successResultOf(d)
+        self.assertEqual(a.cluster.membership.address(NODE_B.id), NODE_B.ip)
+
     def test_no_wait(self):
         a = ClusterNode(self, NODE_A, self.clock, self.network, make_config(), discovery_wait=0)
         self.assertIsNone(self.successResultOf(a.cluster.discovery_wait()))
         advance_to(self.clock, 9)
         self.assertEqual(self.heartbeat_times(), [0])
+
+    def test_stop_during_discovery(self):
+        a = ClusterNode(self, NODE_A, self.clock, self.network, make_config(), discovery_wait=20)
+        a.cluster.discovery_wait()
+        advance_to(self.clock, 3)
+        a.stop()
+        advance_to(self.clock, 9)
+        self.assertEqual(self.heartbeat_times(), [0, 2])
+
 
 class BusReadyTests(unittest.TestCase):
     def setUp(self):

@@ -86,7 +86,7 @@ class ClusterService(MultiService):
             self._unsubscribe()
             self._unsubscribe = None
         if self._discovery is not None and self._discovery.running:
-            self._discovery.stop()
+            self._discovery.stopService()
         self.membership.stop()
         return MultiService.stopService(self)
 
@@ -128,7 +128,7 @@ class ClusterService(MultiService):
 
         def done(result):
             if self._discovery is not None and self._discovery.running:
-                self._discovery.stop()
+                self._discovery.stopService()
             self._discovery = None
             log.info("Cluster discovery done: {count} peer(s) known", count=len(self.membership.peers))
             return result
