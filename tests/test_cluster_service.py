@@ -193,6 +193,17 @@ class TwoNodeTests(unittest.TestCase):
         self.assertTrue(self.successResultOf(d))
         self.assertEqual(conn.disconnected, ["disconnected"])
 
+    def test_disconnect_reports_false_when_a_node_does_not_answer(self):
+        conn = self.a.connect("my-tunnel")
+        self.clock.advance(0)
+        self.a.cluster.stopService()  # A hears nothing any more
+        d = self.b.cluster.disconnect("my-tunnel")
+        waited = run_until(self.clock, d, 1)
+        self.assertIs(self.successResultOf(d), False)
+        # the wait is at most 500 ms
+        self.assertApproximates(waited, cluster_service.DISCONNECT_WAIT, 0.01)
+        self.assertEqual(conn.disconnected, [])
+
     def test_malformed_announcements_ignored(self):
         self.a.connect("other")
         self.clock.advance(0)
