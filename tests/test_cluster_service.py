@@ -238,6 +238,33 @@ class TwoNodeTests(unittest.TestCase):
         self.assertTrue(self.b.registry.is_connected("my-tunnel"))
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_bad_timestamps_in_announcements(self):
+        """Timestamps that are not numbers are treated as unknown; the state stays usable."""
+        self.a.bus.publish("tunnel:announce", [
+            {"tunnel_id": "my-tunnel", "connections": [
+                {"connection_id": "a:1", "node": NODE_A.id, "peer": "p", "connected": True,
+                 "connected_at": "yesterday"},
+                {"connection_id": "a:2", "node": NODE_A.id, "peer": "p", "connected": False,
+                 "connected_at": 1, "disconnected_at": [1]},
+            ]},
+        ])
+        self.clock.advance(0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        state = self.b.registry.state("my-tunnel")
+        self.assertEqual(state["alive_connections"], 1)
+        self.assertEqual(state["connected_at"], int(START * 1000))  # none known: now
+        self.assertEqual({c["connection_id"]: c.get("connected_at") for c in state["connections"]
+                          if not c["local"]}, {"a:1": None, "a:2": 1})
+        # disconnected at an unknown time: counted from when B learnt it
+        self.assertEqual(state["connections"][1]["disconnected_at"], int(START * 1000))
+        # the expiry sweeps keep working for every tunnel
+        self.b.connect("other")
+        self.a.cluster.stopService()
+        self.advance_to(100)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([c["connection_id"] for c in self.b.registry.state("my-tunnel")["connections"]
+                          if not c["local"]], [])
+
     def test_heartbeats(self):
         times = lambda: [t - START for t, _ in self.network.sent("cluster:heartbeat")]
         self.assertEqual(times(), [0])
