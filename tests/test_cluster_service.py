@@ -1,6 +1,8 @@
 """Two cluster nodes (`ClusterService` + `ConnectionRegistry` each) on one `Clock`,
 joined by an in-memory bus pair that delivers every envelope to both nodes."""
 
+import gc
+
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
@@ -385,3 +387,7 @@ class BusReadyTests(unittest.TestCase):
         failure = self.failureResultOf(d, BusUnavailable)
         self.assertEqual(failure.getErrorMessage(), "NOAUTH")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        # reported once, through bus_ready: no "Unhandled error in Deferred" later
+        self.bus.ready = None
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(BusUnavailable), [])
