@@ -29,6 +29,11 @@ REMOVE_DISCONNECTED_AFTER = 60.0  # disconnected connection records are dropped
 FORGET_STATE_AFTER = 300.0  # empty tunnel state forgotten
 
 
+def _ms(value):
+    """An announced epoch-ms timestamp, or None when it is not an integer."""
+    return value if type(value) is int else None
+
+
 def new_connection_id(node_id):
     """``<node id>:<uuid4>``."""
     return "%s:%s" % (node_id, uuid.uuid4())
@@ -351,14 +356,19 @@ class ConnectionRegistry(MultiService):
             existing = state.connections.get(cid)
             if existing is not None and existing.local:
                 continue
+            connected = bool(entry.get("connected"))
+            disconnected_at = _ms(entry.get("disconnected_at"))
+            if not connected and disconnected_at is None:
+                # expiry counts from when we learnt it instead
+                disconnected_at = now
             state.connections[cid] = ConnectionRecord(
                 connection_id=cid,
                 node=str(entry.get("node") or node_id),
                 peer=str(entry.get("peer") or ""),
                 local=False,
-                connected=bool(entry.get("connected")),
-                connected_at=entry.get("connected_at"),
-                disconnected_at=entry.get("disconnected_at"),
+                connected=connected,
+                connected_at=_ms(entry.get("connected_at")),
+                disconnected_at=disconnected_at,
                 alive_at=now,
             )
         self._recompute(state)
