@@ -10,7 +10,7 @@ from exposr.cluster.nodes import STALE_AFTER, Membership
 from exposr.connections import ConnectionRegistry, new_connection_id
 from exposr.endpoint import TunnelEndpoint
 from exposr.node import Node
-from exposr.router import RECORD_TTL, Reason, Refusal, Router
+from exposr.router import RECORD_TTL, STALE_GRACE, Reason, Refusal, Router
 from tests.support import FakeConnection, make_config
 
 SELF = Node(id="a" * 40, host="100@node-a", ip="10.0.0.1")
@@ -254,9 +254,20 @@ class RouterTests(unittest.TestCase):
         self.tunnels.records["my-tunnel"] = record()
         self.assertEqual(self.successResultOf(self.router.record("my-tunnel")), record())
 
-    def test_storage_failure_is_none(self):
+    def test_storage_failure_is_a_refusal_not_absence(self):
+        # a live tunnel must never be reported missing because storage is down
         self.tunnels.get = lambda tunnel_id: defer.fail(RuntimeError("down"))
-        self.assertIsNone(self.successResultOf(self.router.record("my-tunnel")))
+        f = self.failureResultOf(self.router.record("my-tunnel"), Refusal)
+        self.assertIs(f.value.reason, Reason.STORAGE_UNAVAILABLE)
+
+    def test_storage_failure_serves_the_last_known_record_for_a_while(self):
+        self.tunnels.records["my-tunnel"] = record()
+        self.assertEqual(self.successResultOf(self.router.record("my-tunnel")), record())
+        self.tunnels.get = lambda tunnel_id: defer.fail(RuntimeError("down"))
+        self.clock.advance(RECORD_TTL + STALE_GRACE - 1)
+        self.assertEqual(self.successResultOf(self.router.record("my-tunnel")), record())
+        self.clock.advance(2)
+        self.failureResultOf(self.router.record("my-tunnel"), Refusal)
 
 
 class PeerEndpointTests(unittest.TestCase):
