@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from exposr.api.tlds import TLDS
+from exposr import clientaddr
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
 
@@ -480,3 +481,15 @@ def transport_blocks(config, tunnel, base, ssh_fingerprint=None, ssh_port=None):
             ssh["fingerprint"] = fingerprint
         out["ssh"] = ssh
     return out
+
+
+def source_address(request, trusted):
+    """The client's address of an API request (``trusted``: networks of trusted proxies)."""
+    peer = getattr(request.getClientAddress(), "host", "") or ""
+    return clientaddr.client_ip(peer, request.getHeader(b"x-forwarded-for"), trusted) or peer
+
+
+def too_many(request):
+    """429: too many failed attempts from this address."""
+    request.setHeader(b"retry-after", b"1")
+    return json_response(request, 429, {"error": "TOO_MANY_REQUESTS"})

@@ -8,10 +8,12 @@ shared listener whether the request is for the API (``--api-url`` host check).
 from klein import Klein
 from twisted.logger import Logger
 
-from exposr import model
+from exposr import clientaddr, model
 from exposr.api.baseurl import request_base_url, url_host
 from exposr.api.common import (
     app_resource,
+    source_address,
+    too_many,
     BadInput,
     bad_input,
     handler,
@@ -35,8 +37,12 @@ log = Logger(namespace="exposr.api.public")
 
 
 class PublicAPI:
-    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None, ssh_port=None):
+    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None, ssh_port=None,
+                 limiter=None):
         self.config = config
+        # failed account numbers per client address (`exposr.ratelimit.FailureLimiter`)
+        self.limiter = limiter
+        self._trusted = clientaddr.parse_networks(config.ingress_http_trusted_proxies)
         self.ssh_port = ssh_port
         self.accounts = accounts
         self.tunnels = tunnels
@@ -91,10 +97,21 @@ class PublicAPI:
         credential = authorization_credential(request)
         if not credential:
             return None, json_response(request, 401, {"error": "AUTH_NO_TOKEN"})
+        source = self._source(request)
+        if source is not None and self.limiter.blocked(source):
+            return None, too_many(request)
         account = await self.accounts.get(credential)
         if account is None or _disabled(account):
+            if source is not None:
+                self.limiter.failed(source)
             return None, json_response(request, 401, {"error": "PERMISSION_DENIED"})
         return account, None
+
+    def _source(self, request):
+        """The client address when failures are limited, else None."""
+        if self.limiter is None:
+            return None
+        return source_address(request, self._trusted)
 
     def tunnel_info(self, tunnel, base):
         """The public tunnel representation (``GET /v1/tunnel/<id>``)."""
@@ -203,8 +220,13 @@ class PublicAPI:
         )
 
     async def get_token(self, request, base, account_id):
+        source = self._source(request)
+        if source is not None and self.limiter.blocked(source):
+            return too_many(request)
         account = await self.accounts.get(account_id)
         if account is None or _disabled(account):
+            if source is not None:
+                self.limiter.failed(source)
             return json_response(request, 403, {"error": "PERMISSION_DENIED"})
         return json_response(request, 201, {"token": model.account_token(account["id"])})
 
