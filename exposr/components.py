@@ -67,7 +67,9 @@ class Parts:
     ``services`` are the root's children in start-up order (storage first,
     so that it stops last); ``start_hooks`` run once storage is open and
     before anything listens; ``ready_hooks`` once everything listens, before
-    the node is ready; ``stop_hooks`` run first at shutdown.
+    the node is ready. At shutdown ``drain_hooks`` (Deferreds firing once
+    in-flight work is done) are awaited once the listeners are closed, then
+    ``stop_hooks`` run, then the services stop.
     """
 
     storage: object
@@ -83,6 +85,7 @@ class Parts:
     start_hooks: list = attrs.Factory(list)
     ready_hooks: list = attrs.Factory(list)
     stop_hooks: list = attrs.Factory(list)
+    drain_hooks: list = attrs.Factory(list)
 
     def add_listener(self, listener):
         self.listeners[listener.name] = listener
@@ -154,6 +157,8 @@ def build(config, reactor, node, readiness):
 
         ingress = HTTPIngress(config, router, node.id, reactor, access_log=AccessLog("exposr.ingress.http.access"))
     parts.http_ingress = ingress
+    if ingress is not None:
+        parts.drain_hooks.append(ingress.drain)
 
     address = config.listen_address
     shared = config.ingress_http_port == config.api_port
@@ -172,6 +177,7 @@ def build(config, reactor, node, readiness):
         factory = SNIIngressFactory(router_resolver(router), sni, reactor)
         parts.services.append(sni)
         parts.start_hooks.append(sni.load)
+        parts.drain_hooks.append(factory.drain)
         parts.stop_hooks.append(lambda: [c.shut_down() for c in list(factory.connections)])
         parts.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), factory))
 

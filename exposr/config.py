@@ -90,6 +90,8 @@ class Config:
 
     # Listen address for every TCP listener (beyond the original, which binds all).
     listen_address: str = ""
+    shutdown_grace: float = 5.0  # seconds still served after SIGTERM, readiness off
+    shutdown_drain_timeout: float = 30.0  # seconds in-flight requests may take to finish
 
     @property
     def http_ingress_enabled(self):

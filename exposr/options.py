@@ -312,6 +312,10 @@ OPTIONS = (
     # Misc
     O("dns-server", _dns_server, "ip[:port] of the DNS server used to verify alt names."),
     O("listen-address", _ip, "IP address every listener binds (default: all)."),
+    O("shutdown-grace", _seconds,
+      "Seconds a server keeps serving after SIGTERM with readiness off, so load balancers move away (5)."),
+    O("shutdown-drain-timeout", _seconds,
+      "Seconds in-flight requests and streams may take to finish at shutdown (30)."),
     O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
       "Log level: all, trace, debug, info, warn, error, fatal, off."),
     O("log-format", _choice("json"), "Log format: json.", hidden=True),

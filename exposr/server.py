@@ -11,12 +11,14 @@ listener and transport, close storage.
 """
 
 import os
+import signal
 import sys
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from exposr import __version__
 from exposr.compat.twisted import clear_exit_signal
@@ -40,6 +42,40 @@ class ExitStatus:
     caller_exits: bool = False
 
 
+def _within(d, seconds, clock):
+    """A Deferred firing True once ``d`` fires (its errors are logged), False
+    after ``seconds`` if it has not; ``d`` itself is left alone."""
+    done = defer.Deferred()
+
+    def fired(result):
+        if isinstance(result, Failure):
+            log.failure("error while draining", result)
+        if not done.called:
+            done.callback(True)
+
+    d.addBoth(fired)
+    timer = clock.callLater(seconds, lambda: done.callback(False) if not done.called else None)
+    done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+    return done
+
+
+def _sleep(clock, seconds):
+    d = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+def _exit_on_second_signal():
+    """From now on SIGTERM or SIGINT ends the process at once (non-graceful: 255)."""
+
+    def force(signum, frame):
+        log.warn("Second signal {signum} while shutting down: exiting now", signum=signum)
+        _exit_now(255)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, force)
+
+
 def _exit_now(code):
     sys.stdout.flush()
     sys.stderr.flush()
@@ -49,17 +85,21 @@ def _exit_now(code):
 class ExposrService(MultiService):
     """Everything one exposrd process runs.
 
-    ``ExposrService(config, reactor, exit_status=None, node=None)``: the parts
-    come from `exposr.components.build` and are this service's children.
+    ``ExposrService(config, reactor, exit_status=None, node=None,
+    handle_signals=False)``: the parts come from `exposr.components.build`
+    and are this service's children.
     """
 
-    def __init__(self, config, reactor, exit_status=None, node=None):
+    def __init__(self, config, reactor, exit_status=None, node=None, handle_signals=False):
         from exposr import components
 
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
         self.exit_status = exit_status if exit_status is not None else ExitStatus()
+        # the process's own server (twistd): a second SIGTERM/SIGINT while
+        # draining ends it at once
+        self.handle_signals = handle_signals
         self.node = node if node is not None else Node.create(config.cluster_node_ip)
         self.readiness = Readiness()
         self.parts = components.build(config, reactor, self.node, self.readiness)
@@ -129,12 +169,35 @@ class ExposrService(MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        """Drain, then stop: readiness off at once; keep serving for the grace
+        period (load balancers move away); stop accepting; let in-flight
+        requests and streams finish, up to the drain timeout; disconnect the
+        tunnel clients (WebSockets get 1001, so they reconnect elsewhere);
+        close everything else, storage last. A second SIGTERM/SIGINT meanwhile
+        ends the process at once."""
         started = self.readiness.started
+        config = self.config
         log.info("exposrd shutting down")
         # twistd re-raises SIGTERM/SIGINT at exit so the status shows the
         # signal; a graceful shutdown of exposrd exits 0
         clear_exit_signal(self.reactor)
         self.readiness.ready = False
+        if self.handle_signals:
+            _exit_on_second_signal()
+        if started and config.shutdown_grace > 0 and self.handle_signals:
+            log.info("Still serving for {seconds} s (not ready) so load balancers move away",
+                     seconds=config.shutdown_grace)
+            yield _sleep(self.reactor, config.shutdown_grace)
+        for listener in self.parts.listeners.values():
+            yield defer.maybeDeferred(listener.stopService)
+        if started and self.parts.drain_hooks:
+            drained = yield _within(
+                defer.gatherResults([defer.maybeDeferred(h) for h in self.parts.drain_hooks], consumeErrors=True),
+                config.shutdown_drain_timeout, self.reactor,
+            )
+            if not drained:
+                log.warn("In-flight requests still running after {seconds} s: closing them",
+                         seconds=config.shutdown_drain_timeout)
         for hook in self.parts.stop_hooks:
             try:
                 yield defer.maybeDeferred(hook)

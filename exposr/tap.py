@@ -18,4 +18,4 @@ def makeService(options, reactor=None):
     config = options.config
     log.set_level(config.log_level)
     log.use_reactor(reactor)
-    return ExposrService(config, reactor, exit_status=getattr(options, "exit_status", None))
+    return ExposrService(config, reactor, exit_status=getattr(options, "exit_status", None), handle_signals=True)

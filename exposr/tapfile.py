@@ -37,7 +37,7 @@ class ConfiguredService(service.MultiService):
 
         log.set_level(self.config.log_level)
         log.use_reactor(reactor)
-        self.server = ExposrService(self.config, reactor)
+        self.server = ExposrService(self.config, reactor, handle_signals=True)
         self.server.setServiceParent(self)
         service.MultiService.startService(self)
 

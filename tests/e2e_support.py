@@ -592,7 +592,9 @@ class Proc(protocol.ProcessProtocol):
 
 
 def _env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")}
+    e = {k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")}
+    e["EXPOSR_SHUTDOWN_GRACE"] = "0"  # tests stop their servers at once
+    return e
 
 
 def spawn(*argv):

@@ -20,6 +20,8 @@ def free_port():
 
 def env(**extra):
     e = {k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")}
+    # tests stop their servers at once (the shutdown tests set a grace themselves)
+    e["EXPOSR_SHUTDOWN_GRACE"] = "0"
     e.update(extra)
     return e
 

@@ -260,6 +260,9 @@ class HTTPIngress:
         self.rewriter = forwarding.Rewriter(node_id)
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
+        self.sessions = set()  # open client connections
+        self.draining = False
+        self._drained = []
         self._trusted_info = {}
         self._untrusted_info = {}
         router.on_change(self._connection_changed)
@@ -330,6 +333,26 @@ class HTTPIngress:
 
     def session(self):
         return IngressSession(self)
+
+    def drain(self):
+        """Shutting down: close idle client connections now and busy ones once
+        their response is complete. A Deferred firing when none is left."""
+        self.draining = True
+        for session in list(self.sessions):
+            if session.state == IDLE and not session.pending:
+                session._close()
+        if not self.sessions:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    def _session_closed(self, session):
+        self.sessions.discard(session)
+        if self.draining and not self.sessions:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
 
 
 @implementer(IPushProducer)
@@ -402,6 +425,7 @@ class IngressSession(protocol.Protocol):
         # Responses are relayed as they come (a head, then its body): Nagle
         # would hold the second write for the client's delayed ACK (40 ms)
         no_delay(self.transport)
+        self.ingress.sessions.add(self)
         self.gate = _Gate(self.transport)
         self.upstream_reader = _ReasonProducer(self.gate, "upstream")
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
@@ -599,7 +623,7 @@ class IngressSession(protocol.Protocol):
         close = body_pending or not self.request_persistent or err.status == 421
         self.transport.write(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
         self._access()
-        if close:
+        if close or self.ingress.draining:
             self._close()
         else:
             self.state = IDLE
@@ -663,7 +687,8 @@ class IngressSession(protocol.Protocol):
         else:
             up.session = None
             up.transport.loseConnection()
-        if self.state != AWAIT or not self.request_persistent or not self.response_keep_alive:
+        if (self.state != AWAIT or not self.request_persistent or not self.response_keep_alive
+                or self.ingress.draining):
             self._close()
             return
         self.state = IDLE
@@ -732,6 +757,7 @@ class IngressSession(protocol.Protocol):
     def _closed(self):
         self.state = CLOSED
         self._cancel_timer()
+        self.ingress._session_closed(self)
 
     def connectionLost(self, reason):
         was = self.state

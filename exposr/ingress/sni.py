@@ -134,6 +134,26 @@ class SNIIngressFactory(Factory):
         # connection around our plaintext side (see SNIProtocol._start_tls).
         self.tls_factory = TLSMemoryBIOFactory(certificates, False, self, clock=reactor)
         self.connections = set()
+        self._drained = []
+
+    def drain(self):
+        """Shutting down: close the sessions that carry nothing yet (before or
+        in their handshake); a Deferred firing once the others have ended."""
+        for session in list(self.connections):
+            if session._state != "splice":
+                session.shut_down()
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    def _gone(self, session):
+        self.connections.discard(session)
+        if not self.connections and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
 
     def buildProtocol(self, addr):
         p = SNIProtocol()
@@ -252,7 +272,7 @@ class SNIProtocol(Protocol):
             self._pending.append(data)
 
     def connectionLost(self, reason):
-        self.factory.connections.discard(self)
+        self.factory._gone(self)
         self._unlinger(self.transport)
         if self._tls is not None:
             tls, self._tls = self._tls, None
