@@ -19,6 +19,7 @@ Requests enter a chosen node through raw TCP to its address with
 ``exposr`` client as a subprocess.
 """
 
+import base64
 import errno
 import json
 import os
@@ -39,6 +40,8 @@ PG = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
 DOMAIN = "example.test"
 ADMIN_KEY = "cluster-e2e-admin-key"
 CLUSTER_KEY = "cluster-e2e-signing-key"
+# the admin API reads the bearer credential as base64 of the key
+ADMIN_AUTH = {"Authorization": "Bearer " + base64.b64encode(ADMIN_KEY.encode()).decode()}
 ADDRESSES = ["127.0.0.%d" % i for i in range(1, 6)]
 
 _counter = [0]
@@ -316,7 +319,7 @@ class Node:
         from tests import procs
 
         status, data = yield procs.http(method, self.admin_url + path, body,
-                                        {"Authorization": "Bearer " + ADMIN_KEY})
+                                        ADMIN_AUTH)
         try:
             return status, json.loads(data) if data else None
         except ValueError:
