@@ -13,14 +13,18 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from exposr.accounts import AccountService
-from exposr.api.admin import AdminAPI, AdminInterface, admin_resource, local_node_view
+from exposr.api.admin import AdminAPI, AdminInterface, admin_resource
 from exposr.api.common import MAX_BODY
 from exposr.api.public import PublicAPI
+from exposr.cluster.bus import LocalBus
+from exposr.cluster.forward import PeerEndpoints
+from exposr.cluster.service import DISCOVERY_WAIT, ClusterService
 from exposr.connections import ConnectionRegistry
 from exposr.listen import Listener, tcp_endpoint
 from exposr.listener import Door
 from exposr.log import AccessLog
 from exposr.router import Router
+from exposr.config import Config
 from exposr.storage import storage_from_url
 from exposr.tunnels import TunnelService
 
@@ -60,7 +64,8 @@ class Parts:
 
     ``services`` are the root's children in start-up order (storage first,
     so that it stops last); ``start_hooks`` run once storage is open and
-    before anything listens; ``stop_hooks`` run first at shutdown.
+    before anything listens; ``ready_hooks`` once everything listens, before
+    the node is ready; ``stop_hooks`` run first at shutdown.
     """
 
     storage: object
@@ -68,16 +73,21 @@ class Parts:
     tunnels: object
     registry: object
     router: object
+    cluster: object
     http_ingress: object = None
     ssh: object = None
     listeners: dict = attrs.Factory(dict)
     services: list = attrs.Factory(list)
     start_hooks: list = attrs.Factory(list)
+    ready_hooks: list = attrs.Factory(list)
     stop_hooks: list = attrs.Factory(list)
 
     def add_listener(self, listener):
         self.listeners[listener.name] = listener
         self.services.append(listener)
+
+
+DEFAULT_CLUSTER_KEY = attrs.fields(Config).cluster_key.default
 
 
 def build(config, reactor, node, readiness):
@@ -89,13 +99,26 @@ def build(config, reactor, node, readiness):
     accounts = AccountService(storage, reactor)
     altnames = _altnames(config, storage, reactor)
     registry = ConnectionRegistry(config, node.id, reactor)
+    cluster, multi = _cluster(config, reactor, node, registry)
     tunnels = TunnelService(
         config, storage, accounts, registry, reactor, altnames=altnames,
-        sni_url_for=sni.url if sni is not None else None,
+        sni_url_for=sni.url if sni is not None else None, cluster=cluster,
     )
-    router = Router(tunnels, registry, reactor, altnames=altnames)
-    parts = Parts(storage, accounts, tunnels, registry, router, listeners=listeners)
-    parts.services += [storage, registry]
+    peers = None
+    if multi:
+        peers = PeerEndpoints(
+            reactor, cluster.membership,
+            http_port=lambda: _bound_port(config.ingress_http_port, listeners, "ingress-http", "api")
+            if config.http_ingress_enabled else None,
+            sni_port=lambda: _bound_port(config.ingress_sni_port, listeners, "ingress-sni")
+            if config.sni_ingress_enabled else None,
+        )
+    router = Router(tunnels, registry, reactor, altnames=altnames, peers=peers)
+    parts = Parts(storage, accounts, tunnels, registry, router, cluster, listeners=listeners)
+    # the cluster bus stops after the registry has announced its last disconnects
+    parts.services += [storage, cluster, registry]
+    parts.start_hooks.append(cluster.bus_ready)
+    parts.ready_hooks.append(cluster.discovery_wait)
     parts.stop_hooks.append(registry.stop)
 
     ssh = None
@@ -149,7 +172,7 @@ def build(config, reactor, node, readiness):
     if config.admin_api_enable:
         admin_api = AdminAPI(
             config, accounts, tunnels, registry,
-            nodes=local_node_view(node, reactor),
+            nodes=cluster.membership.view,
             ssh_fingerprint=fingerprint, ssh_port=ssh_port,
         )
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
@@ -213,6 +236,43 @@ class SNICertificates(MultiService):
 
     def serverConnectionForTLS(self, tlsProtocol):
         return self.watcher.serverConnectionForTLS(tlsProtocol)
+
+
+def _cluster(config, reactor, node, registry):
+    """The cluster service on the bus of the configured mode; (service, multi-node?)."""
+    from twisted.logger import Logger
+
+    log = Logger(namespace="exposr.cluster")
+    mode = config.cluster
+    if mode == "redis":
+        from exposr.cluster.redisbus import RedisBus
+
+        bus = RedisBus(node, config.cluster_key, config.cluster_redis_url, reactor,
+                       channel=config.cluster_redis_channel)
+    else:
+        if mode == "udp":
+            log.warn("The UDP cluster bus is not available yet: this node runs alone "
+                     "(use --cluster redis with --cluster-redis-url to cluster)")
+        bus = LocalBus(node, config.cluster_key, reactor)
+    multi = not isinstance(bus, LocalBus)
+    if multi and config.cluster_key == DEFAULT_CLUSTER_KEY:
+        log.warn("--cluster-key is the default key: set the same secret key on every node "
+                 "(EXPOSR_CLUSTER_KEY), or anyone who can reach the bus can speak for a node")
+    wait = config.cluster_discovery_wait
+    if wait is None:
+        wait = DISCOVERY_WAIT if multi else 0.0
+    return ClusterService(bus, node, registry, reactor, discovery_wait=wait), multi
+
+
+def _bound_port(port, listeners, *names):
+    """A configured port, or for port 0 the port the first listener of ``names`` bound."""
+    if port:
+        return port
+    for name in names:
+        listener = listeners.get(name)
+        if listener is not None and listener.address is not None:
+            return listener.address.port
+    return None
 
 
 def _altnames(config, storage, reactor):

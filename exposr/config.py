@@ -73,6 +73,8 @@ class Config:
     cluster_udp_discovery_kubernetes_cluster_domain: str = "cluster.local"
     cluster_redis_url: str | None = None
     cluster_node_ip: str | None = None  # override of the advertised node IP (K2)
+    cluster_redis_channel: str = "exposr"
+    cluster_discovery_wait: float | None = None  # None: 20 s in multi-node modes, 0 for one node
 
     # Storage
     storage_url: str = "memory://"

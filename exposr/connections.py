@@ -121,6 +121,7 @@ class _TunnelState:
         self.alive_at = None
         self.last_used = None  # connection_id chosen last (round-robin)
         self.ever_connected = False
+        self.local_alive = 0  # alive connections held by this node
 
 
 class ConnectionRegistry(MultiService):
@@ -173,6 +174,7 @@ class ConnectionRegistry(MultiService):
         alive = [c for c in state.connections.values() if c.connected]
         was_connected = state.connected
         state.alive_connections = len(alive)
+        state.local_alive = sum(1 for c in alive if c.local)
         state.connected = bool(alive)
         if state.connected:
             state.ever_connected = True
@@ -210,6 +212,18 @@ class ConnectionRegistry(MultiService):
     def is_connected(self, tunnel_id):
         state = self._tunnels.get(tunnel_id)
         return bool(state and state.connected)
+
+    def has_local(self, tunnel_id):
+        """True when this node holds an alive connection of the tunnel."""
+        state = self._tunnels.get(tunnel_id)
+        return bool(state and state.local_alive)
+
+    def remote_nodes(self, tunnel_id):
+        """Ids of the peer nodes holding alive connections of the tunnel, sorted."""
+        state = self._tunnels.get(tunnel_id)
+        if state is None:
+            return []
+        return sorted({c.node for c in state.connections.values() if c.connected and not c.local})
 
     def local_tunnels(self):
         """Ids of tunnels with local connection records (alive or recently gone)."""

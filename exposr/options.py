@@ -294,6 +294,10 @@ OPTIONS = (
     O("cluster-redis-url", _url("redis", "rediss"),
       "Redis URL of the cluster bus; required with --cluster redis."),
     O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
+    O("cluster-redis-channel", _text,
+      "Redis pub/sub channel of the cluster bus (every node the same).", hidden=True),
+    O("cluster-discovery-wait", _seconds,
+      "Seconds a multi-node server waits for peers before it is ready (20).", default=None, hidden=True),
     # Storage
     O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
     O("storage-pgsql-connection-pool-size", _positive_int,
@@ -511,6 +515,13 @@ def resolve(cli, environ):
 
     if v["cluster"] == "redis" and not v["cluster-redis-url"]:
         raise ConfigError("Missing required argument: cluster-redis-url")
+    # (udp with memory:// is what the original's Helm chart renders by default, for
+    # one replica: it starts, and the server warns that nothing is shared)
+    if storage == "memory" and v["cluster"] == "redis":
+        raise ConfigError(
+            f"--cluster {v['cluster']}: nodes of a cluster must share their storage, "
+            "set --storage-url to a postgres:// or redis:// URL (memory:// is per process)"
+        )
     if storage == "sqlite" and v["cluster"] != "single-node":
         raise ConfigError("--storage-url: SQlite storage can only be used in single-node mode")
     if "http" in v["ingress"] and not v["ingress-http-url"]:

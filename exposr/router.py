@@ -33,6 +33,7 @@ RECORD_CACHE_MAX = 10000  # records kept at most (the cache is cleared when full
 class Reason(enum.Enum):
     NOT_FOUND = "no such tunnel"
     NOT_CONNECTED = "not connected"
+    UNREACHABLE = "connected only on nodes that cannot be reached"
     HTTP_DISABLED = "HTTP ingress not enabled"
     SNI_DISABLED = "SNI ingress not enabled"
 
@@ -52,30 +53,41 @@ class Route:
 
     ``endpoint`` opens them; ``key`` names the place they lead to, so an
     ingress may keep idle streams per key and reuse them; ``passthrough``
-    (SNI) asks for the encrypted bytes to be passed on untouched.
+    (SNI) asks for the encrypted bytes to be passed on untouched; ``remote``
+    says the streams lead to the ingress of the cluster node holding the
+    tunnel (which then routes the request as its own), not to the tunnel.
     """
 
     endpoint: object
     key: object
     passthrough: bool = False
+    remote: bool = False
 
 
 class Router:
-    """``Router(tunnels, registry, clock, altnames=None)``.
+    """``Router(tunnels, registry, clock, altnames=None, peers=None)``.
 
     ``tunnels`` gives records (``get``) and tells of this node's changes
     (``on_change``); ``registry`` the connections (``is_connected``,
-    ``connection_for``, ``on_change``); ``altnames`` maps custom domains to
-    tunnel ids (``lookup(host)``).
+    ``has_local``, ``remote_nodes``, ``connection_for``, ``on_change``);
+    ``altnames`` maps custom domains to tunnel ids (``lookup(host)``);
+    ``peers`` (`exposr.cluster.forward.PeerEndpoints`) gives endpoints to the
+    ingresses of other cluster nodes (``http_endpoint(node_id)``,
+    ``sni_endpoint(node_id)``: None for a node that cannot be used).
+
+    Connections held by this node are always preferred; otherwise the
+    requests go round-robin to the nodes that hold the tunnel.
     """
 
-    def __init__(self, tunnels, registry, clock, altnames=None):
+    def __init__(self, tunnels, registry, clock, altnames=None, peers=None):
         self.tunnels = tunnels
         self.registry = registry
         self.clock = clock
         self.altnames = altnames
+        self.peers = peers
         self._records = {}  # tunnel id -> (expiry, record)
         self._routes = {}  # tunnel id -> Route
+        self._turns = {}  # tunnel id -> round-robin counter over remote nodes
         self._observers = []
         tunnels.on_change(self.forget)
         registry.on_change(self._connection_changed)
@@ -143,20 +155,42 @@ class Router:
 
     # -- decisions ------------------------------------------------------------------
 
-    def route(self, tunnel_id):
-        """The `Route` to a connected tunnel's streams (no checks of the record)."""
-        route = self._routes.get(tunnel_id)
-        if route is None:
-            if len(self._routes) >= RECORD_CACHE_MAX:
-                self._routes.clear()
-            route = self._routes[tunnel_id] = Route(TunnelEndpoint(self.registry, tunnel_id), tunnel_id)
-        return route
+    def route(self, tunnel_id, sni=False):
+        """The `Route` to a connected tunnel's streams (no checks of the record).
 
-    def http_route(self, tunnel, tunnel_id):
-        """The `Route` for an HTTP request to the tunnel of record ``tunnel``.
+        Refused with `Reason.UNREACHABLE` when only nodes that cannot be used
+        (stale, unreachable, or no cluster) hold the tunnel.
+        """
+        if self.registry.has_local(tunnel_id):
+            route = self._routes.get(tunnel_id)
+            if route is None:
+                if len(self._routes) >= RECORD_CACHE_MAX:
+                    self._routes.clear()
+                route = self._routes[tunnel_id] = Route(TunnelEndpoint(self.registry, tunnel_id), tunnel_id)
+            return route
+        return self._remote_route(tunnel_id, sni)
+
+    def _remote_route(self, tunnel_id, sni):
+        peers = self.peers
+        if peers is not None:
+            nodes = self.registry.remote_nodes(tunnel_id)
+            if nodes:
+                if len(self._turns) >= RECORD_CACHE_MAX:
+                    self._turns.clear()
+                turn = self._turns[tunnel_id] = self._turns.get(tunnel_id, -1) + 1
+                for i in range(len(nodes)):
+                    node_id = nodes[(turn + i) % len(nodes)]
+                    endpoint = peers.sni_endpoint(node_id) if sni else peers.http_endpoint(node_id)
+                    if endpoint is not None:
+                        return Route(endpoint, ("node", node_id), passthrough=sni, remote=True)
+        raise Refusal(Reason.UNREACHABLE, tunnel_id)
+
+    def check_http(self, tunnel, tunnel_id):
+        """May an HTTP request go to the tunnel of record ``tunnel``? Else a `Refusal`.
 
         Refused, in this order: no such tunnel, not connected, HTTP ingress
-        not enabled.
+        not enabled. (The ingress checks its own rules next, then asks for the
+        `route`.)
         """
         if tunnel is None:
             raise Refusal(Reason.NOT_FOUND, tunnel_id)
@@ -164,13 +198,14 @@ class Router:
             raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
         if not tunnel.get("ingress", {}).get("http", {}).get("enabled"):
             raise Refusal(Reason.HTTP_DISABLED, tunnel_id)
-        return self.route(tunnel_id)
 
     def sni_route(self, tunnel_id):
         """A Deferred of the `Route` for a TLS connection by server name.
 
         Refused, in this order: no such tunnel, SNI ingress not enabled, not
-        connected. The route asks for passthrough when the tunnel does.
+        connected. The route asks for passthrough when the tunnel does, and
+        always to another node: the owner gets the client's TLS bytes as they
+        came (its SNI port terminates or passes them on as it would its own).
         """
         record = self.record(tunnel_id)
         if type(record) is dict:
@@ -188,7 +223,7 @@ class Router:
             raise Refusal(Reason.SNI_DISABLED, tunnel_id)
         if not self.registry.is_connected(tunnel_id):
             raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
-        route = self.route(tunnel_id)
-        if sni.get("passthrough"):
+        route = self.route(tunnel_id, sni=True)
+        if sni.get("passthrough") and not route.passthrough:
             route = attrs.evolve(route, passthrough=True)
         return route

@@ -74,6 +74,7 @@ class ExposrService(MultiService):
     tunnels = property(lambda self: self.parts.tunnels)
     registry = property(lambda self: self.parts.registry)
     router = property(lambda self: self.parts.router)
+    cluster = property(lambda self: self.parts.cluster)
     http_ingress = property(lambda self: self.parts.http_ingress)
     ssh = property(lambda self: self.parts.ssh)
     listeners = property(lambda self: self.parts.listeners)
@@ -110,6 +111,8 @@ class ExposrService(MultiService):
             port = await listener.listen()
             host = port.getHost()
             log.info("{name} listening on {addr}:{port}", name=listener.name, addr=host.host, port=host.port)
+        for hook in self.parts.ready_hooks:
+            await defer.maybeDeferred(hook)
         self.readiness.started = True
         self.readiness.ready = True
         log.info("exposrd ready")

@@ -88,12 +88,15 @@ class TunnelService:
     their connections (`ConnectionRegistry`): transports `register` the
     connections they authorised here, deletes and disconnects close them.
     ``sni_url_for(tunnel_id)`` gives the SNI URL advertised in ``ingress.sni``
-    (None while there is none).
+    (None while there is none). ``cluster`` (`exposr.cluster.service.
+    ClusterService`) carries disconnects to every node; without it they are
+    this node's only.
     """
 
     def __init__(self, config, storage, accounts, registry, clock, altnames=None, sni_url_for=None,
-                 randbytes=os.urandom):
+                 cluster=None, randbytes=os.urandom):
         self.config = config
+        self.cluster = cluster
         self.storage = storage
         self.accounts = accounts
         self.registry = registry
@@ -298,6 +301,9 @@ class TunnelService:
         return bool(deleted)
 
     def _disconnect(self, tunnel_id):
+        if self.cluster is not None:
+            # every node closes its connections of the tunnel (this one too)
+            return self.cluster.disconnect(tunnel_id)
         return self.registry.disconnect(tunnel_id)
 
     @defer.inlineCallbacks

@@ -61,6 +61,15 @@ The harness interface
     The tunnel client drops its whole connection (TCP reset: no close
     handshake of any protocol layer).
 
+Back-pressure by credit
+-----------------------
+
+The three back-pressure tests expect a pause to reach the other side while
+the stream is idle, which needs an explicit PAUSE message (ws-multiplex).
+A transport whose back-pressure is a window of credit (SSH) can only tell the
+writer once it has used up the window it was granted; its test case
+overrides those three tests with their window form (``tests.test_ssh_contract``).
+
 What the tests require of ``conn``
 ----------------------------------
 

@@ -287,6 +287,12 @@ class FakeRegistry:
     def is_connected(self, tunnel_id):
         return bool(self.connections.get(tunnel_id))
 
+    def has_local(self, tunnel_id):
+        return self.is_connected(tunnel_id)
+
+    def remote_nodes(self, tunnel_id):
+        return []
+
     def on_change(self, callback):
         self._listeners.append(callback)
         return lambda: self._listeners.remove(callback)

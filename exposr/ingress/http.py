@@ -37,6 +37,7 @@ ROUTE_INFO_MAX = 10000  # memoised (host, client address, base URL) entries per 
 _REFUSALS = {
     Reason.NOT_FOUND: (404, "TUNNEL_NOT_FOUND"),
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
+    Reason.UNREACHABLE: (502, "TUNNEL_TARGET_CON_FAILED"),
 }
 
 _REASONS = {
@@ -280,16 +281,17 @@ class HTTPIngress:
 
     def route(self, tunnel, tunnel_id, head, upgrade=False):
         """The router's `Route` for a request, or IngressError (8.3, in this order)."""
+        router = self.router
         try:
-            route = self.router.http_route(tunnel, tunnel_id)
+            router.check_http(tunnel, tunnel_id)
+            if forwarding.is_loop(head, self.node_id):
+                raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
+            return router.route(tunnel_id)
         except Refusal as refusal:
             reason = refusal.reason
             if reason is Reason.NOT_CONNECTED:
                 raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
             raise IngressError(*_REFUSALS[reason])
-        if forwarding.is_loop(head, self.node_id):
-            raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
-        return route
 
     def route_info(self, head, peer_ip, trusted):
         """(host for `claim`, client address, base URL) of a request head.
@@ -524,7 +526,9 @@ class IngressSession(protocol.Protocol):
         self.client_ip = ip
         # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
         upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
-        ingress.rewriter.rewrite(head, ip, self.base, (tunnel.get("target") or {}).get("url"), upgrade=upgrade)
+        # to another node: only the headers every hop adds (the owner adds the rest)
+        ingress.rewriter.rewrite(head, ip, self.base, (tunnel.get("target") or {}).get("url"),
+                                 local=not route.remote, upgrade=upgrade)
         pool = ingress.pool(route)
         if not self.upgrade:
             up = pool.take_idle()

@@ -65,6 +65,7 @@ _REFUSALS = {
     Reason.NOT_FOUND: "unknown tunnel {}",
     Reason.SNI_DISABLED: "SNI ingress not enabled for {}",
     Reason.NOT_CONNECTED: "tunnel {} is not connected",
+    Reason.UNREACHABLE: "tunnel {} is connected only on nodes that cannot be reached",
 }
 
 

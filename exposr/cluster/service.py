@@ -1,0 +1,203 @@
+"""The cluster as a service: heartbeats, announcements, disconnects, membership.
+
+`ClusterService` runs the node's side of the signed event bus (any
+`IEventBus`: in-process for a single node, Redis pub/sub, UDP):
+
+* ``cluster:heartbeat`` (payload ``{}``) once at start, then every
+  `HEARTBEAT_INTERVAL` seconds; in multi-node modes also every
+  `DISCOVERY_HEARTBEAT` seconds during the start-up discovery wait, before the
+  node declares itself ready (`discovery_wait`);
+* ``tunnel:announce``: the local connections of a tunnel (`ConnectionRegistry
+  .announcement`), at once when they change, and every `ANNOUNCE_INTERVAL`
+  seconds for every tunnel with local connections, `ANNOUNCE_BATCH` tunnels a
+  message. Received from a peer, it replaces what this node knew of that
+  peer's connections of each tunnel;
+* ``tunnel:disconnect`` ``{"tunnel_id"}``: every node, the sender included,
+  closes its local connections of the tunnel. `disconnect` publishes it and
+  waits up to `DISCONNECT_WAIT` seconds for the tunnel to be disconnected
+  everywhere, as the peers' announcements tell.
+
+Every periodic job is a `exposr.periodic.Periodic` (a TimerService) on the
+injected clock. Bus failures are logged and retried by the next period; a
+malformed payload from a peer is ignored with a debug line.
+"""
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from exposr.cluster.bus import BusUnavailable
+from exposr.cluster.nodes import Membership
+from exposr.periodic import Periodic
+
+log = Logger(namespace="exposr.cluster")
+
+HEARTBEAT_INTERVAL = 9.5
+DISCOVERY_HEARTBEAT = 2.0
+DISCOVERY_WAIT = 2 * HEARTBEAT_INTERVAL + 1  # 20 s
+ANNOUNCE_INTERVAL = 5.0
+ANNOUNCE_BATCH = 50
+DISCONNECT_WAIT = 0.5
+DISCONNECT_POLL = 0.05
+BUS_TIMEOUT = 30.0  # seconds for the bus to connect at start-up
+
+HEARTBEAT = "cluster:heartbeat"
+ANNOUNCE = "tunnel:announce"
+DISCONNECT = "tunnel:disconnect"
+
+
+class ClusterService(MultiService):
+    """``ClusterService(bus, node, registry, clock, discovery_wait=0)``.
+
+    ``bus`` is an `IEventBus` service (a child of this one, so it starts
+    first and stops last); ``registry`` the `ConnectionRegistry`;
+    ``discovery_wait`` the seconds `discovery_wait` lets pass before the node
+    is ready (0 for a single node).
+    """
+
+    name = "cluster"
+
+    def __init__(self, bus, node, registry, clock, discovery_wait=0.0):
+        MultiService.__init__(self)
+        self.bus = bus
+        self.node = node
+        self.registry = registry
+        self.clock = clock
+        self.discovery_wait_seconds = discovery_wait
+        self.membership = Membership(node, clock, on_removed=bus.forget)
+        self.published = {}  # event -> count (for metrics)
+        bus.setServiceParent(self)
+        Periodic(HEARTBEAT_INTERVAL, self.heartbeat, clock, "cluster heartbeat").setServiceParent(self)
+        Periodic(ANNOUNCE_INTERVAL, self.announce_all, clock, "tunnel announcements").setServiceParent(self)
+        self._unsubscribe = None
+        self._discovery = None
+        registry.on_change(self.announce)
+
+    # -- life --------------------------------------------------------------------
+
+    def startService(self):
+        self._unsubscribe = self.bus.subscribe(self._received)
+        MultiService.startService(self)
+        self.heartbeat()
+
+    def stopService(self):
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._discovery is not None and self._discovery.running:
+            self._discovery.stop()
+        self.membership.stop()
+        return MultiService.stopService(self)
+
+    def bus_ready(self, timeout=BUS_TIMEOUT):
+        """A Deferred firing once the bus can carry messages (fails after ``timeout`` s)."""
+        ready = getattr(self.bus, "ready", None)
+        if ready is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+
+        def fired(result):
+            if not d.called:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                    return None  # reported through d
+                d.callback(None)
+            return result
+
+        ready.addBoth(fired)
+
+        def expired():
+            if not d.called:
+                d.errback(BusUnavailable(f"the cluster bus did not connect within {timeout:g} s"))
+
+        call = self.clock.callLater(timeout, expired)
+        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return d
+
+    def discovery_wait(self):
+        """A Deferred firing once peers had time to be discovered (heartbeats meanwhile)."""
+        seconds = self.discovery_wait_seconds
+        if not seconds:
+            return defer.succeed(None)
+        log.info("Waiting {seconds} s for cluster peers before ready", seconds=seconds)
+        self._discovery = Periodic(DISCOVERY_HEARTBEAT, self.heartbeat, self.clock, "discovery heartbeat")
+        self._discovery.startService()
+        d = defer.Deferred()
+        self.clock.callLater(seconds, d.callback, None)
+
+        def done(result):
+            if self._discovery is not None and self._discovery.running:
+                self._discovery.stop()
+            self._discovery = None
+            log.info("Cluster discovery done: {count} peer(s) known", count=len(self.membership.peers))
+            return result
+
+        return d.addBoth(done)
+
+    # -- sending -------------------------------------------------------------------
+
+    def _publish(self, event, message):
+        self.published[event] = self.published.get(event, 0) + 1
+        d = self.bus.publish(event, message)
+        d.addErrback(lambda f: log.warn("Cluster {event} not sent: {error}", event=event,
+                                        error=f.getErrorMessage()))
+        return d
+
+    def heartbeat(self):
+        return self._publish(HEARTBEAT, {})
+
+    def announce(self, tunnel_id):
+        """Announce the local connections of one tunnel (they changed)."""
+        return self._publish(ANNOUNCE, [self.registry.announcement(tunnel_id)])
+
+    def announce_all(self):
+        tunnels = self.registry.local_tunnels()
+        ds = []
+        for i in range(0, len(tunnels), ANNOUNCE_BATCH):
+            batch = [self.registry.announcement(t) for t in tunnels[i:i + ANNOUNCE_BATCH]]
+            ds.append(self._publish(ANNOUNCE, batch))
+        return defer.gatherResults(ds, consumeErrors=True) if ds else None
+
+    @defer.inlineCallbacks
+    def disconnect(self, tunnel_id):
+        """Close the tunnel's connections on every node: True once it is disconnected everywhere."""
+        yield self._publish(DISCONNECT, {"tunnel_id": tunnel_id})
+        waited = 0.0
+        while self.registry.is_connected(tunnel_id) and waited < DISCONNECT_WAIT:
+            d = defer.Deferred()
+            self.clock.callLater(DISCONNECT_POLL, d.callback, None)
+            yield d
+            waited += DISCONNECT_POLL
+        return not self.registry.is_connected(tunnel_id)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _received(self, message):
+        self.membership.heard(message)
+        event = message.event
+        if event == ANNOUNCE:
+            self._learn(message)
+        elif event == DISCONNECT:
+            payload = message.message
+            tunnel_id = payload.get("tunnel_id") if isinstance(payload, dict) else None
+            if isinstance(tunnel_id, str):
+                self.registry.disconnect(tunnel_id)
+            else:
+                log.debug("Ignored a {event} without a tunnel id", event=event)
+
+    def _learn(self, message):
+        if message.node_id == self.node.id:
+            return
+        entries = message.message
+        if not isinstance(entries, list):
+            log.debug("Ignored an announcement that is not a list from {node}", node=message.node_id)
+            return
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("tunnel_id"), str):
+                continue
+            connections = entry.get("connections")
+            if not isinstance(connections, list):
+                continue
+            self.registry.learn(message.node_id, entry["tunnel_id"],
+                                [c for c in connections if isinstance(c, dict)])
