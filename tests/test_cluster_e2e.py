@@ -95,7 +95,7 @@ class HTTPAndSNIThroughPeersTests(_Base):
         self.a, self.b, self.c_ = self.c.nodes
 
     @defer.inlineCallbacks
-    def test_http_websocket_and_sni_through_b_and_c(self):
+    def test_http_and_sni_through_b_and_c(self):
         tunnel_id, account, _ = yield self.tunnel_on(self.c, self.a, "web", self.target.url, "ingress-sni", "on")
         for node in (self.b, self.c_):
             yield self.reachable(node, tunnel_id)
