@@ -1,4 +1,4 @@
-"""The account service (accounts-tunnels.md 2): create, read, disable, delete, list.
+"""The account service: create, read, disable, delete, list.
 
 Account numbers are secrets: they never appear in log lines.
 """
@@ -15,7 +15,7 @@ log = Logger(namespace="exposr.accounts")
 
 NS = "account"
 
-# One attempt plus up to 100 retries on id collision (2.3).
+# One attempt plus up to 100 retries on id collision, then creation fails.
 CREATE_ATTEMPTS = 101
 
 
@@ -106,7 +106,7 @@ class AccountService:
         return (yield self._update(account_id, change))
 
     def add_tunnel(self, account_id, tunnel_id):
-        """Append a tunnel id to the account's list if absent (A8). None if no account."""
+        """Append a tunnel id to the account's list if absent (never twice). None if no account."""
 
         def change(record):
             if tunnel_id in record["tunnels"]:
@@ -137,7 +137,7 @@ class AccountService:
     def list(self, cursor=None, count=25, verbose=False):
         """
         One page: ``(cursor, accounts)``. Non-verbose entries are the minimal
-        objects of admin.md 5.2; verbose entries the stored records.
+        objects of the admin account list; verbose entries the stored records.
         """
         keys, next_cursor = yield list_page(self.storage, NS, cursor, count)
         if verbose:

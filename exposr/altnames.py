@@ -1,5 +1,5 @@
 """Bring your own domain: alt names of the HTTP ingress
-(accounts-tunnels.md 3.4, ingress-http.md 8.1 step 2 and 8.10).
+(docs/protocol.rst, "Alt names"; routing: "Routing").
 
 A user points ``example.net CNAME <tunnel id>.<ingress host>`` and asks for
 ``example.net`` as an alt name of the tunnel. `AltNames` verifies the CNAME
@@ -255,7 +255,7 @@ class AltNames:
         finally:
             self._invalidate(names)
 
-    # -- routing (ingress-http.md 8.1 step 2) --------------------------------
+    # -- routing: the tunnel of a Host that is a registered alt name ---------
 
     def lookup(self, host):
         """

@@ -23,9 +23,11 @@ from exposr.connections import ConnectionRegistry
 from exposr.listen import Listener, tcp_endpoint
 from exposr.listener import Door
 from exposr.log import AccessLog
+from exposr.ratelimit import FailureLimiter
 from exposr.router import Router
 from exposr.config import Config
 from exposr.storage import storage_from_url
+from exposr.storage.guard import GuardedStorage
 from exposr.tunnels import TunnelService
 
 
@@ -93,6 +95,9 @@ DEFAULT_CLUSTER_KEY = attrs.fields(Config).cluster_key.default
 def build(config, reactor, node, readiness):
     """Every part of the server for a `Config`, wired through constructors."""
     storage = storage_from_url(config.storage_url, reactor, pool_size=config.storage_pgsql_connection_pool_size)
+    if not config.storage_url.startswith("memory:"):
+        # every call answered within a bounded time, and at once while the store is down
+        storage = GuardedStorage(storage, reactor, timeout=config.storage_timeout)
     listeners = {}
     sni = SNICertificates(config, reactor, listeners) if config.sni_ingress_enabled else None
 
@@ -125,14 +130,16 @@ def build(config, reactor, node, readiness):
     if config.ssh_transport_enabled:
         from exposr.transport.ssh import SSHTransportService
 
-        ssh = SSHTransportService(config, tunnels, tunnels, node.id, reactor)
+        ssh = SSHTransportService(config, tunnels, tunnels, node.id, reactor,
+                                  limiter=FailureLimiter(reactor, "SSH login"))
         parts.services.append(ssh)
         parts.start_hooks.append(ssh.listen)
     parts.ssh = ssh
     fingerprint = (lambda: ssh.fingerprint) if ssh is not None else None
     ssh_port = (lambda: ssh.port) if ssh is not None else None
 
-    public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint, ssh_port=ssh_port)
+    public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint, ssh_port=ssh_port,
+                       limiter=FailureLimiter(reactor, "account number"))
     site = _QuietSite(public.resource())
 
     ws = None
@@ -150,7 +157,8 @@ def build(config, reactor, node, readiness):
 
     address = config.listen_address
     shared = config.ingress_http_port == config.api_port
-    door = Door(config, reactor, site, ingress=ingress if shared else None, ws=ws, tunnels=tunnels)
+    door = Door(config, reactor, site, ingress=ingress if shared else None, ws=ws, tunnels=tunnels,
+                limiter=FailureLimiter(reactor, "connection token"))
     parts.add_listener(Listener("api", tcp_endpoint(reactor, config.api_port, address), door))
     if ingress is not None and not shared:
         ingress_door = Door(config, reactor, None, ingress=ingress, ws=None, tunnels=tunnels)
@@ -174,6 +182,7 @@ def build(config, reactor, node, readiness):
             config, accounts, tunnels, registry,
             nodes=cluster.membership.view,
             ssh_fingerprint=fingerprint, ssh_port=ssh_port,
+            limiter=FailureLimiter(reactor, "admin API key"),
         )
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
         parts.add_listener(

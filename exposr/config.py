@@ -2,14 +2,14 @@
 
 `Config` is what every part of the server reads. It is produced by
 `exposr.options` from the command line and `EXPOSR_*` environment variables
-(reference/config.md), after the two-phase resolution of dependent defaults:
+(docs/protocol.rst, "Configuration"), after the two-phase resolution of dependent defaults:
 by the time a `Config` exists, `cluster` is never ``"auto"``, the deprecated
 `--redis-url` / `--ingress-http-domain` have been folded into the options they
 default, and every cross-option check has passed.
 
 Attribute names are the long option names with ``-`` replaced by ``_``.
 Tests build one with ``Config(**overrides)``; the defaults below are the
-reference defaults (with ``ingress_http_url`` left unset, which only the
+original's defaults (with ``ingress_http_url`` left unset, which only the
 option parser rejects).
 """
 
@@ -72,12 +72,13 @@ class Config:
     cluster_udp_discovery_kubernetes_namespace_env: str = "POD_NAMESPACE"
     cluster_udp_discovery_kubernetes_cluster_domain: str = "cluster.local"
     cluster_redis_url: str | None = None
-    cluster_node_ip: str | None = None  # override of the advertised node IP (K2)
+    cluster_node_ip: str | None = None  # override of the advertised node IP (auto-detected otherwise)
     cluster_redis_channel: str = "exposr"
     cluster_discovery_wait: float | None = None  # None: 20 s in multi-node modes, 0 for one node
 
     # Storage
     storage_url: str = "memory://"
+    storage_timeout: float = 5.0  # seconds a storage call may take, waits included
     storage_pgsql_connection_pool_size: int = 10
 
     # DNS used to verify alt names: "host[:port]", or None for the system resolver.

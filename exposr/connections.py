@@ -1,5 +1,5 @@
-"""The runtime connection registry (accounts-tunnels.md 3.5, ws-multiplex.md 6.9,
-cluster.md 11.7-11.8).
+"""The runtime connection registry (docs/protocol.rst, "Connection state" and
+"Cluster").
 
 Per tunnel it keeps the connections known anywhere in the cluster: local ones
 (an `ITunnelConnection` held by this node) and remote ones (learnt from peer
@@ -22,11 +22,16 @@ from exposr.periodic import Periodic
 
 log = Logger(namespace="exposr.connections")
 
-# cluster.md 11.8
+# the state sweep (docs/protocol.rst, "Connection state")
 REFRESH_INTERVAL = 10.0  # seconds between expiry sweeps
 REMOTE_ALIVE_THRESHOLD = 15.0  # remote connection not re-announced → disconnected
 REMOVE_DISCONNECTED_AFTER = 60.0  # disconnected connection records are dropped
 FORGET_STATE_AFTER = 300.0  # empty tunnel state forgotten
+
+
+def _ms(value):
+    """An announced epoch-ms timestamp, or None when it is not an integer."""
+    return value if type(value) is int else None
 
 
 def new_connection_id(node_id):
@@ -61,7 +66,7 @@ class ConnectionRecord:
         return out
 
     def announcement(self):
-        """The entry of a ``tunnel:announce`` message (cluster.md 11.7)."""
+        """The entry of a ``tunnel:announce`` message (docs/protocol.rst, "Cluster")."""
         out = {
             "connection_id": self.connection_id,
             "node": self.node,
@@ -195,7 +200,7 @@ class ConnectionRegistry(MultiService):
                 state.disconnected_at = now
 
     def state(self, tunnel_id):
-        """The tunnel's connection state (accounts-tunnels.md 3.5); ms timestamps."""
+        """The tunnel's connection state (docs/protocol.rst, "Connection state"); ms timestamps."""
         state = self._tunnels.get(tunnel_id)
         if state is None:
             return {"connected": False, "alive_connections": 0, "connections": []}
@@ -351,14 +356,19 @@ class ConnectionRegistry(MultiService):
             existing = state.connections.get(cid)
             if existing is not None and existing.local:
                 continue
+            connected = bool(entry.get("connected"))
+            disconnected_at = _ms(entry.get("disconnected_at"))
+            if not connected and disconnected_at is None:
+                # expiry counts from when we learnt it instead
+                disconnected_at = now
             state.connections[cid] = ConnectionRecord(
                 connection_id=cid,
                 node=str(entry.get("node") or node_id),
                 peer=str(entry.get("peer") or ""),
                 local=False,
-                connected=bool(entry.get("connected")),
-                connected_at=entry.get("connected_at"),
-                disconnected_at=entry.get("disconnected_at"),
+                connected=connected,
+                connected_at=_ms(entry.get("connected_at")),
+                disconnected_at=disconnected_at,
                 alive_at=now,
             )
         self._recompute(state)
@@ -390,7 +400,7 @@ class ConnectionRegistry(MultiService):
             return chosen.conn
         return RemoteConnection(self, chosen, tunnel_id)
 
-    # -- expiry (cluster.md 11.8) -----------------------------------------
+    # -- expiry -----------------------------------------------------------
 
     def expire(self):
         """One sweep: stale remote connections, old records, forgotten tunnels."""

@@ -46,7 +46,7 @@ class NotFound(StorageError):
 
 
 class LockTimeout(StorageError):
-    """The record lock could not be taken in time (Redis, 10.7)."""
+    """The record lock could not be taken in time (Redis ``lock:<key>``)."""
 
 
 class InvalidCursor(StorageError, ValueError):

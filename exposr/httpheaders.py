@@ -1,6 +1,6 @@
 """HTTP header helpers shared by the REST API and the ingress: the base URL a client used.
 
-`parse_forwarded` (RFC 7239), `derive_base_url` (api.md 4.1, with proper
+`parse_forwarded` (RFC 7239), `derive_base_url` (docs/protocol.rst, "Base URL", with proper
 parsing: first element of comma lists, quoted values, case-insensitive
 ``Forwarded`` parameter names) and `format_base_url`. Pure functions on
 header values, no Twisted: the API (`exposr.api.baseurl`), the WebSocket
@@ -140,7 +140,7 @@ def _split_host(value):
 
 
 def derive_base_url(headers):
-    """The base URL a client used to reach us (api.md 4.1).
+    """The base URL a client used to reach us (see docs/protocol.rst, "Base URL").
 
     ``headers``: a `RequestHead`, a Twisted ``Headers``, a mapping or an
     iterable of ``(name, value)`` pairs.  Returns ``(scheme, host, port)``

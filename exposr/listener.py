@@ -1,13 +1,13 @@
 """The front door of the shared HTTP port: API, WebSocket endpoint or HTTP ingress.
 
 Every connection starts here. The first request head decides who owns the
-connection (reference api.md 4.1):
+connection (see docs/protocol.rst, "The shared HTTP port"):
 
 1. the HTTP ingress, when its ``Host`` is ``<tunnel>.<ingress domain>`` or a
    registered alt name;
 2. for an upgrade to ``/v1/tunnel/<id>/ws-endpoint?t=<token>``: the WebSocket
    transport, once the token is authorised (refusals answered here with the
-   JSON the reference recommends);
+   JSON answers of docs/protocol.rst, "WebSocket endpoint");
 3. otherwise the REST API (a twisted.web ``Site``), subject to ``--api-url``.
 
 The owner gets the connection with every byte read so far. Reading is paused
@@ -125,13 +125,14 @@ class Door(protocol.Factory):
     noisy = False
     first_head_timeout = FIRST_HEAD_TIMEOUT
 
-    def __init__(self, config, clock, site, ingress=None, ws=None, tunnels=None):
+    def __init__(self, config, clock, site, ingress=None, ws=None, tunnels=None, limiter=None):
         self.config = config
         self.clock = clock
         self.site = site
         self.ingress = ingress
         self.ws = ws
         self.tunnels = tunnels
+        self.limiter = limiter  # failed connection tokens per client address
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.api_host = None
         if config.api_url:
@@ -186,6 +187,11 @@ class Door(protocol.Factory):
         token = (query.get("t") or [""])[0]
         version = head.version
         result = None
+        peer = getattr(door.transport.getPeer(), "host", "")
+        ip = forwarding.client_ip(peer, head, self.trusted)
+        if self.limiter is not None and self.limiter.blocked(ip):
+            door._refuse(_raw(429, b"Too Many Requests", b'{"error":"TOO_MANY_REQUESTS"}', version=version))
+            return None
         if tunnel_id and token:
             try:
                 result = yield self.tunnels.authorize(tunnel_id, token)
@@ -194,11 +200,11 @@ class Door(protocol.Factory):
                          tunnel=tunnel_id, err=str(e) or type(e).__name__)
                 result = None
         if not result:
+            if self.limiter is not None:
+                self.limiter.failed(ip)
             door._refuse(_raw(401, b"Unauthorized", b'{"error":"PERMISSION_DENIED"}', version=version))
             return None
         tunnel, account = result
-        peer = getattr(door.transport.getPeer(), "host", "")
-        ip = forwarding.client_ip(peer, head, self.trusted)
         return self.ws.protocol_for(tunnel_id, account["id"], ip)
 
 

@@ -1,7 +1,7 @@
 """The data model: account numbers, tunnel ids, tokens, stored records.
 
-Everything here is pure (no I/O, no reactor): rules of accounts-tunnels.md 2-3
-and the record (de)serialisation rules of storage.md 10.2.
+Everything here is pure (no I/O, no reactor): the rules of docs/protocol.rst,
+"Accounts and tunnels", and the record reading rule of its "Serialisation".
 """
 
 import base64
@@ -14,7 +14,7 @@ import traceback
 from datetime import datetime, timezone
 from urllib.parse import urlsplit, urlunsplit
 
-# --- Account numbers (accounts-tunnels.md 2.1-2.3) --------------------------
+# --- Account numbers (docs/protocol.rst, "Account numbers") -----------------
 
 ACCOUNT_ALPHABET = "CDEFHJKMNPRTVWXY2345689"
 ACCOUNT_ID_LENGTH = 16
@@ -62,7 +62,7 @@ def account_token(account_id):
     return base64.b64encode(account_id.encode("ascii")).decode("ascii")
 
 
-# --- Tunnel ids (accounts-tunnels.md 3.1) -----------------------------------
+# --- Tunnel ids (docs/protocol.rst, "Tunnel ids") ---------------------------
 
 TUNNEL_ID_REGEX = r"^(?:[a-z0-9][a-z0-9\-]{4,63}[a-z0-9]|[a-z0-9]{4,63})$"
 # As the original prints it in BAD_INPUT messages.
@@ -82,7 +82,7 @@ def tunnel_id_error(value):
     )
 
 
-# --- Connection tokens (api.md 4.5) -----------------------------------------
+# --- Connection tokens (docs/protocol.rst, "Tokens") ------------------------
 
 TOKEN_BYTES = 64
 
@@ -146,7 +146,7 @@ def epoch_ms(seconds):
     return int(round(seconds * 1000))
 
 
-# --- Records and the default-merge on read (storage.md 10.2) ----------------
+# --- Records and the default-merge on read (docs/protocol.rst, "Serialisation")
 
 
 class _Optional:
@@ -185,7 +185,7 @@ TUNNEL_DEFAULT = {
     "target": {"url": OPTIONAL},
     "id": OPTIONAL,
     "account": OPTIONAL,
-    # Kept on read, unlike the original (known-issues.md A6).
+    # Kept on read (the original dropped them, losing created_at on update).
     "created_at": OPTIONAL,
     "updated_at": OPTIONAL,
 }
@@ -195,7 +195,7 @@ ALTNAME_DEFAULT = {"tunnelId": OPTIONAL, "created_at": OPTIONAL}
 
 def merge_defaults(default, stored):
     """
-    Read ``stored`` through the ``default`` object (storage.md 10.2).
+    Read ``stored`` through the ``default`` object.
 
     Only the default's fields are kept, in the default's order; nested
     objects merge recursively, arrays are replaced wholesale, ``None`` and
@@ -263,7 +263,7 @@ def new_tunnel(tunnel_id, account_id, now, token):
     return record
 
 
-# --- Derived ingress fields (accounts-tunnels.md 3.3) -----------------------
+# --- Derived ingress fields (docs/protocol.rst, "Tunnel records") -----------
 
 
 def _replace_host(url, host):

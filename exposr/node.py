@@ -1,4 +1,4 @@
-"""This process's identity in a cluster (reference/cluster.md 11.1)."""
+"""This process's identity in a cluster: node id, host, advertised IP."""
 
 import os
 import secrets

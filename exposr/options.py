@@ -1,10 +1,10 @@
-"""Command line and ``EXPOSR_*`` environment parsing (reference/config.md).
+"""Command line and ``EXPOSR_*`` environment parsing (docs/protocol.rst, "Configuration").
 
 `Options` is the options class of the ``twistd exposrd`` plugin; after
 `parseOptions` its ``config`` attribute holds the resolved `Config`.
 `parse_config` does the same for programmatic use.
 
-Rules (config.md 1.1): every option ``--some-name`` can also be given as
+Rules: every option ``--some-name`` can also be given as
 ``EXPOSR_SOME_NAME`` (the part after the exact prefix ``EXPOSR_`` is
 case-insensitive); the command line beats the environment, which beats the
 default.  An empty value means "not set".  Boolean environment values are true
@@ -179,7 +179,7 @@ _PRIVATE_KEY = re.compile(r"BEGIN OPENSSH PRIVATE KEY", re.IGNORECASE)
 
 
 def _ssh_key(text):
-    """Key text, a readable file holding it, or base64 of it (known-issues C1)."""
+    """Key text, a readable file holding it, or base64 of it (the original took no file)."""
     if _PRIVATE_KEY.search(text):
         return text
     if os.path.isfile(text):
@@ -300,6 +300,8 @@ OPTIONS = (
       "Seconds a multi-node server waits for peers before it is ready (20).", default=None, hidden=True),
     # Storage
     O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
+    O("storage-timeout", _seconds,
+      "Seconds a storage call may take (waits included) before it is answered as unavailable."),
     O("storage-pgsql-connection-pool-size", _positive_int,
       "PostgreSQL connection pool size.", hidden=True),
     # Deprecated
@@ -483,7 +485,7 @@ def _read_check(name, path):
 
 
 def resolve(cli, environ):
-    """Typed values of every option, then the two-phase rules of config.md 1.1."""
+    """Typed values of every option, then the two-phase rules (docs/protocol.rst, "Configuration")."""
     v = {opt.name: _default(opt) for opt in OPTIONS}
     for name, (raw, label) in _given(cli, environ).items():
         opt = SPEC[name]

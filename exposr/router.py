@@ -27,6 +27,7 @@ from exposr.endpoint import TunnelEndpoint
 log = Logger(namespace="exposr.router")
 
 RECORD_TTL = 2.0  # seconds a tunnel record is reused
+STALE_GRACE = 60.0  # seconds past its TTL a record still serves while storage fails
 RECORD_CACHE_MAX = 10000  # records kept at most (the cache is cleared when full)
 
 
@@ -34,6 +35,7 @@ class Reason(enum.Enum):
     NOT_FOUND = "no such tunnel"
     NOT_CONNECTED = "not connected"
     UNREACHABLE = "connected only on nodes that cannot be reached"
+    STORAGE_UNAVAILABLE = "tunnel records are unavailable (storage failing)"
     HTTP_DISABLED = "HTTP ingress not enabled"
     SNI_DISABLED = "SNI ingress not enabled"
 
@@ -124,7 +126,14 @@ class Router:
         return None
 
     def lookup(self, tunnel_id):
-        """A Deferred of the tunnel record (None if absent or on storage trouble), cached."""
+        """A Deferred of the tunnel record (None if absent), cached.
+
+        When storage fails, the last known record answers for `STALE_GRACE`
+        seconds past its TTL (connected tunnels keep being served through a
+        short outage); without one the lookup fails with a `Refusal`
+        (`Reason.STORAGE_UNAVAILABLE`), so that nobody is told a live tunnel
+        does not exist.
+        """
         d = defer.maybeDeferred(self.tunnels.get, tunnel_id)
         d.addCallbacks(self._remember, self._lookup_failed, callbackArgs=(tunnel_id,), errbackArgs=(tunnel_id,))
         return d
@@ -150,8 +159,14 @@ class Router:
         return tunnel
 
     def _lookup_failed(self, failure, tunnel_id):
+        """Storage failed: the last known record for a while, else a refusal (never "not found")."""
+        cached = self._records.get(tunnel_id)
+        if cached is not None and self.clock.seconds() < cached[0] + STALE_GRACE:
+            log.debug("tunnel {tunnel}: lookup failed ({err}); serving the last known record",
+                      tunnel=tunnel_id, err=failure.getErrorMessage())
+            return cached[1]
         log.warn("tunnel {tunnel}: lookup failed: {err}", tunnel=tunnel_id, err=failure.getErrorMessage())
-        return None
+        raise Refusal(Reason.STORAGE_UNAVAILABLE, tunnel_id)
 
     # -- decisions ------------------------------------------------------------------
 

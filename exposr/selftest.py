@@ -1,6 +1,6 @@
 """``EXPOSR_SELF_TEST=1 exposrd``: check this installation's own dependencies and exit.
 
-The original's three checks need Internet access (known-issues C7); these keep
+The original's three checks need Internet access; these keep
 its interface and output format but test what this server depends on locally:
 name resolution, the TLS stack (a loopback handshake in memory) and SQLite.
 """

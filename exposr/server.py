@@ -1,11 +1,11 @@
 """The root service: builds every part from a `Config` and runs the life cycle.
 
 One `MultiService` holds storage, the domain, every listener, transport and
-ingress. Start-up follows reference/lifecycle.md 12.1 and is asynchronous:
+ingress. Start-up (docs/protocol.rst, "Life cycle") is asynchronous:
 storage is opened (and must answer) before anything listens, listeners are
 bound before the node is marked ready, and any failure logs one line
 ``Failed to start up: <reason>``, stops the reactor and makes the process exit
-255. Shutdown (SIGTERM/SIGINT through twistd) follows 12.3: stop accepting
+255. Shutdown (SIGTERM/SIGINT through twistd): stop accepting
 tunnel connections and disconnect the local ones, readiness off, close every
 listener and transport, close storage.
 """

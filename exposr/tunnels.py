@@ -1,4 +1,4 @@
-"""The tunnel service (accounts-tunnels.md 3): create, read, update, delete,
+"""The tunnel service: create, read, update, delete,
 disconnect, authorize, rotate the connection token, list.
 
 Tokens are secrets: they never appear in log lines.
@@ -51,6 +51,10 @@ class BadAltNames(TunnelError):
 
     def __str__(self):
         return ", ".join(self.names)
+
+
+class _TokenUsed(TunnelError):
+    """The connection token changed between its check and its use."""
 
 
 class NoAltNames:
@@ -201,7 +205,7 @@ class TunnelService:
 
     def update_config(self, tunnel_id, account_id, changes):
         """
-        Apply a validated API body (api.md 4.3): ``changes`` is a dict with the
+        Apply a validated API body (PUT/PATCH): ``changes`` is a dict with the
         optional nested keys ``ingress.http.enabled``, ``ingress.http.alt_names``
         (list or None), ``ingress.sni.enabled``, ``target.url`` (str or None),
         ``transport.ws.enabled``, ``transport.ssh.enabled``.
@@ -311,7 +315,7 @@ class TunnelService:
         """
         Drop every connection of the tunnel: True when it is no longer
         connected. A foreign tunnel (``account_id`` not the owner) answers
-        False (A5); a missing one fails with `TunnelNotFound`.
+        False (as the original); a missing one fails with `TunnelNotFound`.
         """
         record = yield self.get(tunnel_id)
         if record is None:
@@ -364,10 +368,10 @@ class TunnelService:
     def register(self, conn, account_id):
         """
         A transport authorised ``conn`` (an `ITunnelConnection`) for the
-        account: True when it may carry the tunnel. Refused (False) when the
-        tunnel does not exist or is not the account's, or by the registry
-        (stopping, or the cluster-wide limit reached). On success the tunnel's
-        connection token is rotated (it is good for one connection).
+        account (`authorize` consumed its token): True when it may carry the
+        tunnel. Refused (False) when the tunnel does not exist or is not the
+        account's, or by the registry (stopping, or the cluster-wide limit
+        reached).
         """
         if self.registry.stopping:
             return False
@@ -375,14 +379,7 @@ class TunnelService:
         if tunnel is None or tunnel.get("account") != account_id:
             return False
         # synchronous from here: other registrations may have run meanwhile
-        if not self.registry.add(conn):
-            return False
-        try:
-            yield self.rotate_token(conn.tunnel_id)
-        except Exception:
-            log.error("Could not rotate the token of {tunnel_id}: {error}", tunnel_id=conn.tunnel_id,
-                      error=model.describe_error())
-        return True
+        return self.registry.add(conn)
 
     def unregister(self, conn):
         """The transport connection is gone (closed by either side)."""
@@ -395,6 +392,11 @@ class TunnelService:
         """
         ``(tunnel, account)`` when the tunnel exists, its account exists and is
         not disabled and ``token`` is its current connection token; else None.
+
+        The token is good for one connection: it is replaced in the same
+        locked read-modify-write of storage that compares it, so of two logins
+        with one token at the same moment only one is authorised, on every
+        backend.
         """
         if not isinstance(token, str) or not token:
             return None
@@ -405,6 +407,16 @@ class TunnelService:
         if account is None or account["status"].get("disabled"):
             return None
         if not model.tokens_equal(token, tunnel["transport"].get("token")):
+            return None
+
+        def consume(record):
+            if not model.tokens_equal(token, record["transport"].get("token")):
+                raise _TokenUsed()
+            record["transport"]["token"] = self.new_token()
+
+        try:
+            tunnel = yield self.update(tunnel_id, consume)
+        except (_TokenUsed, TunnelNotFound):
             return None
         if tunnel_id not in account["tunnels"]:
             try:

@@ -1,4 +1,4 @@
-"""The account service (tests-checklist: Accounts)."""
+"""The account service."""
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -129,7 +129,7 @@ class AccountServiceTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_delete_hr_form(self):
-        """D3: the id is normalised before the tunnels are deleted."""
+        """The id is normalised before the tunnels are deleted (the original kept them for a readable id)."""
         account, _ = yield self.stack.account_and_tunnel("first")
         deleted = yield self.stack.tunnels.delete_account(model.format_account_id(account["id"]).lower())
         self.assertTrue(deleted)

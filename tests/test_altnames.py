@@ -1,6 +1,6 @@
 """Alt names (BYOD): CNAME verification against a real in-process DNS server,
 first-come-first-served registration, release and the ingress lookup
-(accounts-tunnels.md 3.4, ingress-http.md 8.1 step 2, 8.10, known-issues A3)."""
+(docs/protocol.rst, "Alt names": the stored list is kept plus granted names)."""
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import DatagramProtocol
@@ -219,7 +219,7 @@ class VerificationTests(Base):
 
     @defer.inlineCallbacks
     def test_only_changed_names_verified(self):
-        """Kept names are not checked (kept.example.net points elsewhere) and stay (A3)."""
+        """Kept names are not checked (kept.example.net points elsewhere) and stay."""
         record = tunnel(alt_names=["kept.example.net"])
         granted = yield self.altnames.update(record, ["right.example.net", "kept.example.net"])
         self.assertEqual(granted, ["right.example.net", "kept.example.net"])
@@ -265,7 +265,7 @@ class RegistrationTests(Base):
 
     @defer.inlineCallbacks
     def test_registered_to_this_tunnel_granted(self):
-        """A registration left over for this tunnel (A3 residue) is granted again."""
+        """A registration left over for this tunnel (the original lost kept names) is granted again."""
         yield self.storage.create(NS, "http-right.example.net",
                                   {"tunnelId": "my-tunnel", "created_at": "2020-01-01T00:00:00.000Z"})
         self.assertEqual((yield self.altnames.update(tunnel(), ["right.example.net"])), ["right.example.net"])

@@ -1,4 +1,4 @@
-"""The public REST API over real HTTP (api.md 4, vectors/session-rest.txt)."""
+"""The public REST API over real HTTP, against bodies recorded from the original."""
 
 import base64
 import json
@@ -17,8 +17,8 @@ from exposr.storage.memory import MemoryStorage
 
 FINGERPRINT = "SHA256:UglB7zHPJUjlpjwE2mvfg+/pVBTYzprWIM8ID6fCwcs"
 
-# Recorded bodies (vectors/session-rest.txt) with the token as {t}; the
-# replacement adds the tunnel's created_at at the end (known-issues.md A6).
+# Bodies recorded in a session of the exposr client with the original server,
+# the token as {t}; we add the tunnel's created_at at the end (kept on read).
 VECTOR_PUT = (
     '{"id":"demo-tunnel","connection":{"connected":false,"connections":0},"transport":'
     '{"max_connections":2,"ws":{"enabled":false,"url":"ws://localhost:8080/v1/tunnel/demo-tunnel/'
@@ -86,7 +86,7 @@ class APITestCase(ResponseAssertions, unittest.TestCase):
 
 
 class ClientFlowTests(APITestCase):
-    """The exposr client's session of vectors/session-rest.txt, byte for byte."""
+    """The recorded exposr client session, byte for byte."""
 
     @defer.inlineCallbacks
     def test_session(self):
@@ -124,6 +124,9 @@ class ClientFlowTests(APITestCase):
                              headers=host, token=token)
         self.assertJSON(r, 200, fill(VECTOR_WS, t, created))
 
+        # what a transport does: authorise with the token (which consumes it), register
+        authorized = yield self.stack.tunnels.authorize("demo-tunnel", t)
+        self.assertIsNotNone(authorized)
         conn = FakeConnection("demo-tunnel", registry=self.stack.registry)
         ok = yield self.stack.tunnels.register(conn, account_id)
         self.assertTrue(ok)

@@ -1,4 +1,4 @@
-"""The admin interface and admin API over real HTTP (admin.md 5)."""
+"""The admin interface and admin API over real HTTP."""
 
 import base64
 
@@ -375,7 +375,7 @@ class ClusterTests(AdminAPITestCase):
 
 
 class SharedPortTests(ResponseAssertions, unittest.TestCase):
-    """D1: interface and API on one port, routed by path."""
+    """Interface and API on one port, routed by path."""
 
     @defer.inlineCallbacks
     def setUp(self):

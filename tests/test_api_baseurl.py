@@ -1,4 +1,4 @@
-"""The derived base URL (api.md 4.1, known-issues.md A11)."""
+"""The derived base URL (docs/protocol.rst, "Base URL"), proxy headers parsed properly."""
 
 from twisted.trial import unittest
 

@@ -190,7 +190,7 @@ def handshake(creator, server_name="t1.example.test", alpn=("h2", "http/1.1"), c
 
 
 class WildcardRuleTests(unittest.TestCase):
-    """ingress-sni.md 9.1 and its test vectors."""
+    """Wildcard selection (docs/protocol.rst, "Wildcard certificate")."""
 
     def load(self, cert, key, sni_host=None):
         return load_certificate_bytes(cert_pem(cert), key_pem(key), sni_host)
@@ -229,7 +229,7 @@ class WildcardRuleTests(unittest.TestCase):
         self.assertEqual(wildcard_names(cert), ["*.example.test", "*.other.test"])
 
     def test_cn_not_last_rdn(self):
-        """N3: the CN value is parsed, not "everything after CN=" of a string."""
+        """The CN value is parsed, not "everything after CN=" of a string."""
         cert, key = make_cert(
             "*.example.test", extra_rdns=[(NameOID.ORGANIZATION_NAME, "Org, Inc.")]
         )
@@ -249,7 +249,7 @@ class WildcardRuleTests(unittest.TestCase):
 
 
 class UrlTests(unittest.TestCase):
-    """ingress-sni.md 9.2."""
+    """The advertised ``tcps://<id>.<domain>:<port>`` URL."""
 
     def test_table(self):
         self.assertEqual(sni_url("test", "example.com"), "tcps://test.example.com:4430")
@@ -419,7 +419,7 @@ class WatcherTests(unittest.TestCase):
         self.clock.advance(2)
         self.clock.advance(2)
         self.assertIs(w.current, before)
-        # Touching the file (same content) does not reload either (N4).
+        # Touching the file (same content) does not reload either (content, not metadata, counts).
         os.utime(self.cert_path, None)
         self.assertFalse(w.check())
         self.assertIs(w.current, before)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from exposr.transport import multiplex
 
-VECTORS = os.environ.get("EXPOSR_VECTORS", "/work/shared/vectors")
+VECTORS = os.environ.get("EXPOSR_VECTORS", os.path.join(os.path.dirname(__file__), "vectors"))
 TIMEOUT = 5.0
 
 

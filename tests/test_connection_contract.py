@@ -222,14 +222,10 @@ class WebSocketConnectionTests(unittest.TestCase):
 
 class ClientSpliceTests(unittest.TestCase):
     def test_target_connected_synchronously_is_closed_with_its_channel(self):
-        # BUG (exposr/client/connect.py, _Splice.__init__): ``self._connecting =
-        # endpoint.connect(...)`` is assigned after the call returns; when the
-        # endpoint connects synchronously, target_up() has already reset it to
-        # None, so it now holds the fired Deferred and _channel_closed() only
-        # "cancels" that instead of closing the target: the target connection
-        # leaks. Real HostnameEndpoint never connects synchronously, so this is
-        # latent; the fix is to test ``self.target is None`` there (or assign
-        # before target_up can run).
+        # An endpoint that connects before connect() returns (target_up has
+        # run already) must not leave the splice holding the fired Deferred:
+        # closing the channel then closes the target, instead of "cancelling"
+        # a connection attempt that is over and leaking the target.
         h = WSHarness(self)
         real_connect = _TargetEndpoint.connect
 
@@ -245,6 +241,3 @@ class ClientSpliceTests(unittest.TestCase):
         proto.transport.loseConnection()
         h.pump()
         self.assertTrue(h.far_streams[0].closed)
-
-    test_target_connected_synchronously_is_closed_with_its_channel.todo = (
-        "client _Splice leaks a synchronously connected target (see the comment)")

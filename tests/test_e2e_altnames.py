@@ -1,11 +1,11 @@
 """
-Alt names (BYOD) end to end (accounts-tunnels.md 3.4, ingress-http.md 8.1
-step 2 and 8.10, issue 7): a real DNS server (twisted.names, UDP, port 0), the
-full server in process, the Python client serving a tunnel to a local
-twisted.web target, and requests with ``Host: <alt name>`` on the server port.
+Alt names (BYOD) end to end (docs/protocol.rst, "Alt names" and "Routing"):
+a real DNS server (twisted.names, UDP, port 0), the full server in process,
+the Python client serving a tunnel to a local twisted.web target, and requests
+with ``Host: <alt name>`` on the server port.
 
 The customer zone is ``customer.net``: alt names need a recognised top-level
-domain (api.md 4.3), and ``.test`` is not one (checked below). The ingress
+domain, and ``.test`` is not one (checked below). The ingress
 host is ``example.test`` (the ingress URL has no such rule).
 """
 

@@ -159,7 +159,7 @@ class ProxyTests(_Base):
         self.assertEqual(ssh["url"], f"ssh://{TID}:{ssh['password']}@127.0.0.1:{self.server.config.transport_ssh_port}")
         self.assertEqual(ssh["username"], TID)
         self.assertEqual(ssh["fingerprint"], self.server.service.ssh.fingerprint)
-        # OpenSSH binds "localhost" for `-R 0:...`; the channel announces what it asked for (S3)
+        # OpenSSH binds "localhost" for `-R 0:...`; the channel announces what it asked for
         self.assertEqual(conn.forwards, [("localhost", 0, self.target.port)])
 
         head, body = yield self.ask(b"GET", b"/bytes/3000000")
@@ -217,7 +217,7 @@ class ProxyTests(_Base):
         self.assertEqual(head.status, 200)
         self.assertEqual(len(self.target.requests), 1)
         # retire the pooled upstream stream (as the idle timeout does): only its
-        # channel closes, not the SSH connection (known-issues S1)
+        # channel closes, not the SSH connection
         self.server.ingress.pools[TID].close()
         yield e2e.wait_until(lambda: not conn._streams)
         self.assertIs(self.server.local_connections(TID)[0], conn)

@@ -1,4 +1,4 @@
-"""Header rewriting of the HTTP ingress (ingress-http.md 8.4, 8.7) with plain bytes."""
+"""Header rewriting and loop detection of the HTTP ingress with plain bytes."""
 
 from twisted.trial import unittest
 
@@ -129,7 +129,7 @@ class TargetRewriteTests(unittest.TestCase):
         self.assertEqual(h.get(b"origin"), b"http://127.0.0.1:3000")
 
     def test_host_starting_with_http_rewritten(self):
-        # the original skipped tunnel ids like "httpbin" (H6)
+        # the original skipped tunnel ids like "httpbin" (a Host starting with "http")
         h = rewritten(b"Host: httpbin.localhost.example")
         self.assertEqual(h.get(b"host"), b"echo.localhost.example")
 

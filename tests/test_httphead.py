@@ -1022,7 +1022,7 @@ class DeriveBaseUrlTests(unittest.TestCase):
             base(("Host", "h"), ("Forwarded", "host=a.com"), ("Forwarded", "host=b.com")),
             ("http", "a.com", None),
         )
-        # Forwarded host without port: X-Forwarded-Port, then the Host port (api.md 4.1)
+        # Forwarded host without port: X-Forwarded-Port, then the Host port (docs/protocol.rst, "Base URL")
         self.assertEqual(
             base(("Host", "h:8080"), ("Forwarded", "host=a.com"), ("X-Forwarded-Port", "9000")),
             ("http", "a.com", 9000),

@@ -1,4 +1,4 @@
-"""The JSON line output: records as the reference's, written once per reactor turn."""
+"""The JSON line output: records as the original's, written once per reactor turn."""
 
 import io
 import json

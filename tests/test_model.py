@@ -1,4 +1,4 @@
-"""Model rules: account numbers (2.1-2.3), tunnel ids (3.1), tokens, records."""
+"""Model rules (docs/protocol.rst, "Accounts and tunnels"): account numbers, tunnel ids, tokens, records."""
 
 import itertools
 import os

@@ -15,7 +15,7 @@ from exposr.transport.multiplex import (
     FrameError, KeepAlive, Multiplexer, MultiplexerClosed, UnsupportedVersion,
     decode, encode)
 
-VECTORS = "/work/shared/vectors/session-ws.txt"
+VECTORS = os.path.join(os.path.dirname(__file__), "vectors", "session-ws.txt")
 
 
 def hdr(type, dst, src, length=0, version=2):
@@ -158,8 +158,8 @@ class FramingTests(SynchronousTestCase):
                          b"a")
 
 
-# Lines copied from vectors/session-ws.txt (a real exposr 0.10 <-> exposrd
-# 0.12 session): the decoded header, and the payload of the CONT frame.
+# Lines copied from a recorded session (a real exposr 0.10 <-> exposrd 0.12):
+# the decoded header, and the payload of the CONT frame.
 RECORDED = [
     ("WSM v2 OPEN dst=0 src=1 length=0", b"",
      "0002 0002 00000000 00000001 00000000"),

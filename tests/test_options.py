@@ -323,7 +323,7 @@ class UrlTests(TestCase, ErrorMixin):
 
 
 class ResolutionTests(TestCase, ErrorMixin):
-    """Two-phase resolution, config.md 1.1 and tests-checklist "Configuration"."""
+    """Two-phase resolution of dependent defaults (docs/protocol.rst, "Configuration")."""
 
     def test_redis_url_alone(self):
         config = ok("--redis-url", "redis://redis")
@@ -597,3 +597,60 @@ class CommandLineTests(TestCase, ErrorMixin):
         parent.parseOptions(["exposrd", "--ingress-http-url", URL, "--admin-enable"])
         config = parent.subOptions.config
         self.assertEqual((config.api_port, config.admin_enable), (7000, True))
+
+
+class ClusterOptionTests(TestCase, ErrorMixin):
+    def test_redis_bus_needs_shared_storage(self):
+        for argv in (("--cluster", "redis", "--cluster-redis-url", "redis://x"),
+                     ("--cluster", "redis", "--cluster-redis-url", "redis://x", "--storage-url", "memory://")):
+            e = self.assertRaises(ConfigError, parse_config, ("--ingress-http-url", URL) + argv, {})
+            self.assertIn("--cluster", str(e))
+            self.assertIn("--storage-url", str(e))
+            self.assertNotIn("\n", str(e))
+        e = self.assertRaises(ConfigError, parse_config, ("--ingress-http-url", URL),
+                              {"EXPOSR_CLUSTER": "redis", "EXPOSR_CLUSTER_REDIS_URL": "redis://x"})
+        self.assertIn("--storage-url", str(e))
+
+    def test_redis_bus_with_shared_storage(self):
+        for storage in ("redis://x/1", "postgres://db/x"):
+            config = ok("--cluster", "redis", "--cluster-redis-url", "redis://x", "--storage-url", storage)
+            self.assertEqual((config.cluster, config.cluster_redis_url, config.storage_url),
+                             ("redis", "redis://x", storage))
+
+    def test_udp_with_memory_storage_still_starts(self):
+        self.assertEqual(ok("--cluster", "udp").cluster, "udp")
+
+    def test_redis_channel(self):
+        self.assertEqual(ok().cluster_redis_channel, "exposr")
+        self.assertEqual(ok("--cluster-redis-channel", "exposr-test").cluster_redis_channel, "exposr-test")
+        self.assertEqual(ok(EXPOSR_CLUSTER_REDIS_CHANNEL="from-env").cluster_redis_channel, "from-env")
+        self.assertEqual(
+            ok("--cluster-redis-channel", "cli", EXPOSR_CLUSTER_REDIS_CHANNEL="env").cluster_redis_channel, "cli"
+        )
+
+    def test_discovery_wait(self):
+        self.assertIsNone(ok().cluster_discovery_wait)
+        self.assertEqual(ok("--cluster-discovery-wait", "0").cluster_discovery_wait, 0.0)
+        self.assertEqual(ok("--cluster-discovery-wait", "2.5").cluster_discovery_wait, 2.5)
+        self.assertEqual(ok(EXPOSR_CLUSTER_DISCOVERY_WAIT="7").cluster_discovery_wait, 7.0)
+        self.assertError(
+            "--cluster-discovery-wait: expected a number of seconds, got 'soon'",
+            "--ingress-http-url", URL, "--cluster-discovery-wait", "soon",
+        )
+        self.assertErrorStartsWith(
+            "EXPOSR_CLUSTER_DISCOVERY_WAIT: expected a number of seconds",
+            "--ingress-http-url", URL, EXPOSR_CLUSTER_DISCOVERY_WAIT="-1",
+        )
+
+    def test_hidden_from_help(self):
+        def help_text(*argv):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            self.assertRaises(SystemExit, Options(environ={}).parseOptions, list(argv))
+            return out.getvalue()
+
+        plain = help_text("--help")
+        self.assertIn("--cluster-redis-url=", plain)
+        for name in ("--cluster-redis-channel", "--cluster-discovery-wait"):
+            self.assertNotIn(name, plain)
+            self.assertIn(name + "=", help_text("--help", "--show-hidden"))

@@ -366,7 +366,7 @@ class RefusalTests(SNITestBase):
 
     @defer.inlineCallbacks
     def test_domain_not_checked(self):
-        """N2: only the first label counts."""
+        """Only the first label counts; the rest of the name is not checked."""
         _, data = yield threads.deferToThread(
             blocking_tls_client, self.port, "ECHO.elsewhere.invalid", b"ping"
         )

@@ -1,5 +1,5 @@
 """
-Storage backends (reference/storage.md 10), one suite run against each of
+Storage backends (docs/protocol.rst, "Storage layout"), one suite run against each of
 memory, SQLite, PostgreSQL (127.0.0.1:5432, database ``test``) and Redis
 (127.0.0.1:6379, db 9) for real.
 
@@ -96,7 +96,7 @@ def self_fail(what, seconds):
 
 class SerialisationTests(unittest.TestCase):
     def test_vectors(self):
-        """The serializer test vectors of storage.md 10.2."""
+        """Compact JSON, key order kept, nested objects and arrays round-trip."""
         self.assertEqual(dumps({"anumber": 10}), '{"anumber":10}')
         self.assertEqual(
             dumps({"anumber": 10, "obj": {"astring": "foo"}}), '{"anumber":10,"obj":{"astring":"foo"}}'
@@ -930,7 +930,7 @@ class PostgresStorageTests(StorageTestsMixin, RecoveryTestsMixin, unittest.TestC
 
     @defer.inlineCallbacks
     def test_update_missing_releases_connection(self):
-        """T1: "not found" rolls back and returns the connection to the pool."""
+        """PostgreSQL: "not found" rolls back and returns the connection to the pool."""
         s = self.storage
         for _ in range(3 * s.pool_size):
             yield self.assertFailure(within(s.update("tunnel", "none", lambda c: c), 10), NotFound)

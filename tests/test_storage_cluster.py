@@ -1,5 +1,5 @@
 """
-Several server processes on one database (storage.md 10.5-10.7, issue 6):
+Several server processes on one database (PostgreSQL row locks, Redis ``lock:<key>``):
 
 * two OS processes (tests/storage_worker.py, opening the real backend with
   `storage_from_url`) run 25 concurrent atomic updates each of ONE record: the
@@ -52,7 +52,7 @@ REDIS_DB = _redis_db()
 ACCOUNT = "MPW4YDYVNPFXVV2D"
 # the original's shapes: an old account record without "status", a tunnel
 # record as the original stores it after an update (created_at/updated_at
-# dropped, storage.md 10.2), an alt-name registration
+# dropped), an alt-name registration
 LEGACY_ACCOUNT = (
     '{"accountId":"MPW4YDYVNPFXVV2D","id":"MPW4YDYVNPFXVV2D",'
     '"created_at":"2024-02-10T12:34:56.789Z","updated_at":"2024-02-10T12:34:56.789Z",'

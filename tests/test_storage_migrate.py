@@ -1,4 +1,4 @@
-"""The migration tool (reference/storage.md 10.9) against real SQLite, PostgreSQL and Redis."""
+"""The migration tool (upsert, then delete extra keys) against real SQLite, PostgreSQL and Redis."""
 
 import io
 import os

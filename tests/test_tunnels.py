@@ -1,4 +1,4 @@
-"""The tunnel service (tests-checklist: Tunnels, service level)."""
+"""The tunnel service, at service level."""
 
 from twisted.internet import defer
 from twisted.trial import unittest

@@ -1,11 +1,11 @@
-"""The admin interface (``/ping``, ``/health``) and the admin API (admin.md 5).
+"""The admin interface (``/ping``, ``/health``) and the admin API (``/v1/admin/...``).
 
 * ``AdminInterface(readiness)``: ``/ping`` 200 once started, ``/health`` 200
   while ready, everything else 404.
 * ``AdminAPI(config, accounts, tunnels, registry, nodes=None,
   ssh_fingerprint=None)``: the ``/v1/admin/...`` routes.
 * ``admin_resource(interface=None, api=None)``: one resource routing by path,
-  for both on one port (known-issues.md D1).
+  for both on one port (the original let the interface answer everything).
 """
 
 import hmac
@@ -14,10 +14,12 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from exposr import model
+from exposr import clientaddr, model
 from exposr.api.baseurl import request_base_url
 from exposr.api.common import (
     app_resource,
+    source_address,
+    too_many,
     BadInput,
     authorization_credential,
     bad_input,
@@ -79,7 +81,8 @@ def _iso(ms):
 
 
 class AdminAPI:
-    def __init__(self, config, accounts, tunnels, registry, nodes=None, ssh_fingerprint=None, ssh_port=None):
+    def __init__(self, config, accounts, tunnels, registry, nodes=None, ssh_fingerprint=None, ssh_port=None,
+                 limiter=None):
         self.ssh_port = ssh_port
         self.config = config
         self.accounts = accounts
@@ -89,6 +92,9 @@ class AdminAPI:
         self.ssh_fingerprint = ssh_fingerprint
         key = config.admin_api_key or None
         self._key = key.encode("utf-8") if key else None
+        # failed admin keys per client address (`exposr.ratelimit.FailureLimiter`)
+        self.limiter = limiter
+        self._trusted = clientaddr.parse_networks(config.ingress_http_trusted_proxies)
         self.app = app = Klein()
         install_not_found(app)
         route = app.route
@@ -117,14 +123,17 @@ class AdminAPI:
             if self.config.admin_api_allow_access_without_key:
                 return None
             return status_response(request, 404)
+        source = source_address(request, self._trusted) if self.limiter is not None else None
+        if source is not None and self.limiter.blocked(source):
+            return too_many(request)
         presented = authorization_credential(request)
-        if presented is None:
-            return status_response(request, 403)
-        raw = request.getHeader(b"authorization").decode("latin-1").split(" ")[1]
-        data = lenient_b64decode(raw)
-        if not hmac.compare_digest(data, self._key):
-            return status_response(request, 403)
-        return None
+        if presented is not None:
+            raw = request.getHeader(b"authorization").decode("latin-1").split(" ")[1]
+            if hmac.compare_digest(lenient_b64decode(raw), self._key):
+                return None
+        if source is not None:
+            self.limiter.failed(source)
+        return status_response(request, 403)
 
     def _guard(self, fn):
         @handler

@@ -1,4 +1,5 @@
-"""The derived base URL of a request: "where did the client reach us" (api.md 4.1).
+"""The derived base URL of a request: "where did the client reach us"
+(see docs/protocol.rst, "Base URL").
 
 Built from ``Forwarded``, ``X-Forwarded-Proto``, ``X-Scheme``, ``Host`` and
 ``X-Forwarded-Port`` in the original's order of precedence, parsed properly

@@ -1,5 +1,5 @@
 """What the public and admin APIs share: responses, body parsing, the
-Joi-like validation of api.md 4.1 (``BAD_INPUT``), tokens in
+Joi-like validation (``BAD_INPUT``, see docs/protocol.rst, "Validation"), tokens in
 ``Authorization``, the transport blocks of tunnel JSON."""
 
 import base64
@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from exposr.api.tlds import TLDS
+from exposr import clientaddr
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
 
@@ -153,7 +154,8 @@ def _reject_constant(name):
 def parse_json_body(request):
     """
     The JSON object/array of a request body (koa-bodyparser, strict).
-    Raises `BadInput` with the ``content-type: ...`` messages of api.md 4.1.
+    Raises `BadInput` with the ``content-type: ...`` messages (not JSON,
+    malformed, over 64 KiB).
     """
     content = request.content
     if content is not None:
@@ -306,8 +308,8 @@ def is_valid_uri(value):
 
 def validate_tunnel_body(body):
     """
-    The PUT/PATCH tunnel body of api.md 4.3, converted (booleans, lower-cased
-    alt names). Raises `BadInput` with the first violation.
+    The PUT/PATCH tunnel body (every key optional, unknown keys refused),
+    converted (booleans, lower-cased alt names). Raises `BadInput` with the first violation.
     """
     check_object(body, "value", None)
     out = {}
@@ -424,7 +426,9 @@ def lenient_b64decode(text):
 
 
 def ssh_endpoint(config, base, ssh_port=None):
-    """``(host, port)`` advertised for SSH (ssh.md 7.2), host None if unknown.
+    """``(host, port)`` advertised for SSH, host None if unknown: host and port
+    of ``--transport-ssh-host`` when given, else the base URL's host and the
+    SSH port.
 
     ``ssh_port()`` gives the bound port when the configured one is 0."""
     host, port = None, config.transport_ssh_port
@@ -477,3 +481,15 @@ def transport_blocks(config, tunnel, base, ssh_fingerprint=None, ssh_port=None):
             ssh["fingerprint"] = fingerprint
         out["ssh"] = ssh
     return out
+
+
+def source_address(request, trusted):
+    """The client's address of an API request (``trusted``: networks of trusted proxies)."""
+    peer = getattr(request.getClientAddress(), "host", "") or ""
+    return clientaddr.client_ip(peer, request.getHeader(b"x-forwarded-for"), trusted) or peer
+
+
+def too_many(request):
+    """429: too many failed attempts from this address."""
+    request.setHeader(b"retry-after", b"1")
+    return json_response(request, 429, {"error": "TOO_MANY_REQUESTS"})

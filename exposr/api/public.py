@@ -1,4 +1,4 @@
-"""The public REST API (api.md 4): accounts, tokens and tunnels, as a klein app.
+"""The public REST API: accounts, tokens and tunnels, as a klein app.
 
 ``PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=None)``;
 ``.resource()`` is the IResource to serve; ``.claims(request)`` tells the
@@ -8,10 +8,12 @@ shared listener whether the request is for the API (``--api-url`` host check).
 from klein import Klein
 from twisted.logger import Logger
 
-from exposr import model
+from exposr import clientaddr, model
 from exposr.api.baseurl import request_base_url, url_host
 from exposr.api.common import (
     app_resource,
+    source_address,
+    too_many,
     BadInput,
     bad_input,
     handler,
@@ -35,8 +37,12 @@ log = Logger(namespace="exposr.api.public")
 
 
 class PublicAPI:
-    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None, ssh_port=None):
+    def __init__(self, config, accounts, tunnels, registry, ssh_fingerprint=None, ssh_port=None,
+                 limiter=None):
         self.config = config
+        # failed account numbers per client address (`exposr.ratelimit.FailureLimiter`)
+        self.limiter = limiter
+        self._trusted = clientaddr.parse_networks(config.ingress_http_trusted_proxies)
         self.ssh_port = ssh_port
         self.accounts = accounts
         self.tunnels = tunnels
@@ -60,7 +66,7 @@ class PublicAPI:
         return app_resource(self.app)
 
     def claims(self, request):
-        """True when this request is for the API (``--api-url`` host rule, api.md 4.1)."""
+        """True when this request is for the API (its base URL host is ``--api-url``'s, if set)."""
         if self._api_host is None:
             return True
         base = request_base_url(request)
@@ -91,13 +97,24 @@ class PublicAPI:
         credential = authorization_credential(request)
         if not credential:
             return None, json_response(request, 401, {"error": "AUTH_NO_TOKEN"})
+        source = self._source(request)
+        if source is not None and self.limiter.blocked(source):
+            return None, too_many(request)
         account = await self.accounts.get(credential)
         if account is None or _disabled(account):
+            if source is not None:
+                self.limiter.failed(source)
             return None, json_response(request, 401, {"error": "PERMISSION_DENIED"})
         return account, None
 
+    def _source(self, request):
+        """The client address when failures are limited, else None."""
+        if self.limiter is None:
+            return None
+        return source_address(request, self._trusted)
+
     def tunnel_info(self, tunnel, base):
-        """The public tunnel representation (api.md 4.4)."""
+        """The public tunnel representation (``GET /v1/tunnel/<id>``)."""
         state = self.registry.state(tunnel["id"]) if self.registry is not None else {}
         connection = {
             "connected": bool(state.get("connected")),
@@ -174,7 +191,7 @@ class PublicAPI:
             return None, bad_input(request, e.field)
 
     async def _tunnel_caller(self, request, tunnel_id):
-        """Path check (before authentication, as the reference), then the caller's account."""
+        """Path check (before authentication, as the original), then the caller's account."""
         error = self._tunnel_id_error(request, tunnel_id)
         if error is not None:
             return None, error
@@ -203,8 +220,13 @@ class PublicAPI:
         )
 
     async def get_token(self, request, base, account_id):
+        source = self._source(request)
+        if source is not None and self.limiter.blocked(source):
+            return too_many(request)
         account = await self.accounts.get(account_id)
         if account is None or _disabled(account):
+            if source is not None:
+                self.limiter.failed(source)
             return json_response(request, 403, {"error": "PERMISSION_DENIED"})
         return json_response(request, 201, {"token": model.account_token(account["id"])})
 
@@ -259,7 +281,7 @@ class PublicAPI:
 
 
 def _disabled(account):
-    """A disabled account gets the answers of an unknown one (known-issues A4).
+    """A disabled account gets the answers of an unknown one.
 
     The original refuses only its tunnel connections; here it can no longer
     fetch a token or manage tunnels either, and the exposr client handles

@@ -1,4 +1,4 @@
-"""The ``exposr`` command: the original exposr client's command line (api.md 4.6).
+"""The ``exposr`` command: the original exposr client's command line.
 
     exposr [-s URL] [-a ACCOUNT] [--insecure] [--non-interactive] [--log-level L]
            account create

@@ -2,7 +2,8 @@
 
 `TunnelConnector(reactor, api, tunnel_id, target_url=None, insecure=False)`:
 
-* ``start()`` reads the tunnel (GET token + GET tunnel, api.md 4.6 step 5), then
+* ``start()`` reads the tunnel (GET token + GET tunnel; it needs
+  ``transport.ws.url`` and ``target.url``), then
   runs ``transport.max_connections`` slots. Each slot connects one WebSocket
   (fresh GET token + GET tunnel before every attempt, ``transport.ws.url``
   verbatim; attempts of all slots are serialised so tokens never race) and
@@ -15,7 +16,7 @@
 
 Each WebSocket runs `exposr.transport.multiplex` as the acceptor: every channel
 the server opens becomes one TCP/TLS connection to the target, spliced both
-ways with back-pressure (ws-multiplex.md 6.4): the server's PAUSE/RESUME stop
+ways with back-pressure (docs/protocol.rst, "Flow control"): the server's PAUSE/RESUME stop
 and restart reading the target; a backed-up target socket makes us PAUSE the
 channel; a backed-up WebSocket stops reading every target of that WebSocket.
 """
@@ -112,8 +113,12 @@ class _Splice:
         channel.on_resume = lambda: self.stall("peer", False)
         if ws.carrier_paused:
             self._stall.add("carrier")
-        self._connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
-        self._connecting.addErrback(self._connect_failed)
+        self._connecting = None
+        connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
+        # an endpoint may connect at once: target_up has then run already
+        if self.target is None and not connecting.called:
+            self._connecting = connecting
+        connecting.addErrback(self._connect_failed)
 
     # channel -> target
     def _data(self, data):

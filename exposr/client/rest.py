@@ -1,4 +1,4 @@
-"""The exposr client's REST calls (api.md 4.3, 4.6), over `twisted.web.client.Agent`.
+"""The exposr client's REST calls (the public API's routes), over `twisted.web.client.Agent`.
 
 Every method returns a Deferred. Failures are `ApiError(status, code, field)`;
 `str(error)` is the one-line message the original client prints.

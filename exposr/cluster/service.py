@@ -86,7 +86,7 @@ class ClusterService(MultiService):
             self._unsubscribe()
             self._unsubscribe = None
         if self._discovery is not None and self._discovery.running:
-            self._discovery.stop()
+            self._discovery.stopService()
         self.membership.stop()
         return MultiService.stopService(self)
 
@@ -128,7 +128,7 @@ class ClusterService(MultiService):
 
         def done(result):
             if self._discovery is not None and self._discovery.running:
-                self._discovery.stop()
+                self._discovery.stopService()
             self._discovery = None
             log.info("Cluster discovery done: {count} peer(s) known", count=len(self.membership.peers))
             return result
@@ -162,13 +162,16 @@ class ClusterService(MultiService):
     @defer.inlineCallbacks
     def disconnect(self, tunnel_id):
         """Close the tunnel's connections on every node: True once it is disconnected everywhere."""
+        deadline = self.clock.seconds() + DISCONNECT_WAIT
         yield self._publish(DISCONNECT, {"tunnel_id": tunnel_id})
-        waited = 0.0
-        while self.registry.is_connected(tunnel_id) and waited < DISCONNECT_WAIT:
+        # the wait is bounded by the clock, not by counting polls (which run late)
+        while self.registry.is_connected(tunnel_id):
+            remaining = deadline - self.clock.seconds()
+            if remaining <= 0:
+                break
             d = defer.Deferred()
-            self.clock.callLater(DISCONNECT_POLL, d.callback, None)
+            self.clock.callLater(min(DISCONNECT_POLL, remaining), d.callback, None)
             yield d
-            waited += DISCONNECT_POLL
         return not self.registry.is_connected(tunnel_id)
 
     # -- receiving -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The SNI ingress certificate: loading, wildcard rules, TLS options, live reload.
 
-Reference: ingress-sni.md 9.1-9.3, known-issues N3/N4.
+Rules: docs/protocol.rst, "Wildcard certificate".
 
 * `load_certificate(cert_path, key_path, sni_host)` reads the PEM files
   (certificate chain, private key), checks that the key matches, collects the
@@ -47,11 +47,11 @@ class CertificateError(ExposrError):
         self.reason = reason
 
 
-# -- wildcard rules (9.1) ------------------------------------------------------
+# -- wildcard rules ------------------------------------------------------------
 
 
 def common_names(certificate):
-    """The subject's CN values, in RDN order (parsed, not text-matched: N3)."""
+    """The subject's CN values, in RDN order (parsed, not the text after "CN=")."""
     names = []
     for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attribute.value
@@ -136,7 +136,7 @@ def select_domain(wildcards, sni_host=None):
 
 
 def sni_url(tunnel_id, domain, sni_port=4430, sni_host=None):
-    """The advertised SNI URL (9.2): ``tcps://<id>.<domain>:<port>``."""
+    """The advertised SNI URL: ``tcps://<id>.<domain>:<port>`` (port of ``sni_host`` if any)."""
     port = sni_port
     if sni_host is not None:
         _, host_port = parse_sni_host(sni_host)
@@ -281,7 +281,7 @@ def load_certificate(cert_path, key_path, sni_host=None, alpn=()):
     )
 
 
-# -- live reload (9.3) -----------------------------------------------------------
+# -- live reload -----------------------------------------------------------------
 
 
 def _stat_signature(path):

@@ -1,63 +1,27 @@
-"""What the HTTP ingress changes in a request head (reference ingress-http.md 8.4).
+"""What the HTTP ingress changes in a request head (docs/protocol.rst, "Forwarding headers").
 
 Pure functions over `httphead.RequestHead`: the client address (believing
 ``X-Forwarded-For`` only from trusted proxies), loop detection through
 ``exposr-via``, and the rewritten head sent to the tunnel.
 """
 
-import ipaddress
 from urllib.parse import urlsplit
 
+from exposr import clientaddr
+from exposr.clientaddr import is_trusted, parse_networks  # noqa: F401  (the ingress's names)
 from exposr.ingress import httphead
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
-def parse_networks(cidrs):
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def _ip(text):
-    """An IP literal as a normalised string (IPv4-mapped IPv6 unmapped), or None."""
-    try:
-        addr = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return str(addr)
-
-
-def is_trusted(peer_ip, networks):
-    """Whether the socket peer is one of the trusted proxies (IPv4-mapped peers unmapped)."""
-    if not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(peer_ip.strip("[]"))
-    except (ValueError, AttributeError):
-        return False
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
-
-
 def client_ip(peer_ip, head, networks, trusted=None):
-    """The public client's address.
-
-    The socket peer, unless the peer is a trusted proxy (a load balancer in
-    front of us) that says who its client was in ``X-Forwarded-For`` (first
-    element). A public client cannot spoof its address. ``trusted``: the
-    result of `is_trusted` for this peer, if already known.
-    """
-    peer = _ip(peer_ip) or ""
+    """The public client's address (`exposr.clientaddr.client_ip`) for a request head."""
+    peer = clientaddr.normalise_ip(peer_ip) or ""
     if trusted is None:
         trusted = bool(peer) and is_trusted(peer, networks)
-    if peer and trusted:
-        xff = head.get(b"x-forwarded-for")
-        if xff:
-            first = xff.split(b",", 1)[0].decode("latin-1")
-            return _ip(first) or ""
-    return peer
+    if not (peer and trusted):
+        return peer  # the head is not read (it may be None)
+    return clientaddr.client_ip(peer, head.get(b"x-forwarded-for"), networks, True)
 
 
 def is_loop(head, node_id):
@@ -84,7 +48,9 @@ def _hostport(host, port, scheme):
 
 
 def _rewrite_toward_target(value, original_host, target):
-    """Host/Origin/Referer rewrite of 8.4 (with the original's quirks H6 fixed)."""
+    """Host/Origin/Referer rewrite toward the target: a URL whose host is the
+    request's Host gets the target's scheme and host[:port] (values starting with
+    "http" included, no "/" added), any other value becomes the target's host[:port]."""
     text = value.decode("latin-1")
     t_hostport = _hostport(target.hostname or "", target.port, target.scheme)
     if "://" in text:
@@ -115,7 +81,7 @@ class Rewriter:
         self._plans = {}
 
     def rewrite(self, head, ip, base, target_url, local=True, upgrade=None):
-        """Mutate ``head`` as 8.4 says; `base` from `base_url`; ``target_url`` str or None.
+        """Mutate ``head`` (docs/protocol.rst, "Forwarding headers"); `base` from `base_url`; ``target_url`` str or None.
 
         One pass to read, one pass to write (this runs for every request):
         each replaced header takes the position of its first occurrence,

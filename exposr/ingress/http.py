@@ -1,4 +1,4 @@
-"""HTTP ingress: virtual hosts on the shared port (reference ingress-http.md).
+"""HTTP ingress: virtual hosts on the shared port (docs/protocol.rst, "HTTP ingress").
 
 A request whose ``Host`` is ``<tunnel>.<ingress domain>`` (or a registered alt
 name) is proxied to the tunnel. Only request and response *heads* are parsed
@@ -33,11 +33,12 @@ _default_access_log = AccessLog("exposr.ingress.http.access")
 HEAD_TIMEOUT = 30.0
 ROUTE_INFO_MAX = 10000  # memoised (host, client address, base URL) entries per cache
 
-# refusals of the router as the ingress answers them (8.3)
+# refusals of the router as the ingress answers them (docs/protocol.rst, "Ingress errors")
 _REFUSALS = {
     Reason.NOT_FOUND: (404, "TUNNEL_NOT_FOUND"),
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
     Reason.UNREACHABLE: (502, "TUNNEL_TARGET_CON_FAILED"),
+    Reason.STORAGE_UNAVAILABLE: (503, "TUNNEL_LOOKUP_UNAVAILABLE"),
 }
 
 _REASONS = {
@@ -71,7 +72,7 @@ def json_response(status, body, version=b"HTTP/1.1", close=False):
 
 
 def raw_error(status, code, version=b"HTTP/1.1"):
-    """The raw answer to an upgrade request (8.8): status line, JSON body, close."""
+    """The raw answer to an upgrade request: status line, JSON body, close (no 101)."""
     return json_response(status, {"error": code}, version=version, close=True)
 
 
@@ -82,8 +83,15 @@ class IngressError(Exception):
         self.code = code
 
 
+def _refused(refusal, upgrade):
+    """The answer to a refusal of the router."""
+    if refusal.reason is Reason.NOT_CONNECTED:
+        return IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
+    return IngressError(*_REFUSALS[refusal.reason])
+
+
 def _stream_error(failure):
-    """Map a failure to open an upstream stream to 8.6's answer."""
+    """Map a failure to open an upstream stream: 429 at the channel limit, else 502."""
     if failure.check(errors.ChannelLimitError):
         return IngressError(429, "TUNNEL_TRANSPORT_REQUEST_LIMIT")
     return IngressError(502, "TUNNEL_TARGET_CON_FAILED")
@@ -150,12 +158,13 @@ class _UpstreamFactory(protocol.Factory):
 
 
 class UpstreamPool:
-    """Idle keep-alive upstream streams of one route (8.5): a tunnel, on this node."""
+    """Idle keep-alive upstream streams of one route: a tunnel, on this node."""
 
-    def __init__(self, ingress, key, endpoint):
+    def __init__(self, ingress, key, endpoint, idle_timeout):
         self.ingress = ingress
         self.key = key
         self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
         self.idle = []
         self.factory = _UpstreamFactory(self)
 
@@ -193,14 +202,14 @@ class UpstreamPool:
         ingress = self.ingress
         up.idle_since = ingress.clock.seconds()
         if up.idle_timer is None:
-            up.idle_timer = ingress.clock.callLater(ingress.idle_timeout, self._expire, up)
+            up.idle_timer = ingress.clock.callLater(self.idle_timeout, self._expire, up)
         self.idle.append(up)
 
     def _expire(self, up):
         up.idle_timer = None
         if up.idle_since is None or up.lost:
             return  # in use (or gone): release() arms a new timer
-        left = up.idle_since + self.ingress.idle_timeout - self.ingress.clock.seconds()
+        left = up.idle_since + self.idle_timeout - self.ingress.clock.seconds()
         if left > 0:
             up.idle_timer = self.ingress.clock.callLater(left, self._expire, up)
             return
@@ -256,7 +265,7 @@ class HTTPIngress:
         router.on_change(self._connection_changed)
 
     def _connection_changed(self, tunnel_id):
-        # drop pooled streams of a tunnel that lost its last connection (H7)
+        # pooled streams of a tunnel that lost its last connection are dropped, not reused
         if not self.router.is_connected(tunnel_id):
             pool = self.pools.pop(tunnel_id, None)
             if pool is not None:
@@ -276,11 +285,16 @@ class HTTPIngress:
     def pool(self, route):
         pool = self.pools.get(route.key)
         if pool is None:
-            pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint)
+            timeout = self.idle_timeout
+            if route.remote:
+                # another node's ingress closes a kept-alive connection that
+                # waited HEAD_TIMEOUT for a request: reuse it well before that
+                timeout = min(timeout, HEAD_TIMEOUT / 2)
+            pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
     def route(self, tunnel, tunnel_id, head, upgrade=False):
-        """The router's `Route` for a request, or IngressError (8.3, in this order)."""
+        """The router's `Route` for a request, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
         router = self.router
         try:
             router.check_http(tunnel, tunnel_id)
@@ -288,10 +302,7 @@ class HTTPIngress:
                 raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
             return router.route(tunnel_id)
         except Refusal as refusal:
-            reason = refusal.reason
-            if reason is Reason.NOT_CONNECTED:
-                raise IngressError(502 if upgrade else 503, "TUNNEL_NOT_CONNECTED")
-            raise IngressError(*_REFUSALS[reason])
+            raise _refused(refusal, upgrade)
 
     def route_info(self, head, peer_ip, trusted):
         """(host for `claim`, client address, base URL) of a request head.
@@ -573,7 +584,9 @@ class IngressSession(protocol.Protocol):
         if self.state == CLOSED:
             return
         err = failure.value
-        if not isinstance(err, IngressError):
+        if isinstance(err, Refusal):
+            err = _refused(err, self.upgrade)
+        elif not isinstance(err, IngressError):
             if failure.check(errors.StreamError):
                 err = _stream_error(failure)
             else:
@@ -674,7 +687,7 @@ class IngressSession(protocol.Protocol):
             return
         if self.response_started:
             # the response began: the client can only learn by the connection
-            # being cut (never a JSON error appended to a body, H4)
+            # being cut (never a JSON error appended to a body, as the original did)
             self._access()
             self.transport.abortConnection()
             self._closed()

@@ -52,7 +52,7 @@ messages).  No other exception escapes a parser for any input; after an
 error the parser stays failed (every call raises the same error).
 
 Helpers for the header rewriting of the ingress: `host_of`,
-`parse_forwarded`, `derive_base_url` (api.md 4.1, with proper parsing) and
+`parse_forwarded`, `derive_base_url` (with proper parsing) and
 `format_base_url` (the last three live in `exposr.httpheaders`, shared with
 the REST API; they are the same functions here).
 """

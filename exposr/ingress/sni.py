@@ -1,4 +1,4 @@
-"""The SNI ingress (ingress-sni.md 9.4-9.6): TLS on a port of its own.
+"""The SNI ingress (docs/protocol.rst, "SNI routing"): TLS on a port of its own.
 
 For every connection:
 
@@ -54,7 +54,7 @@ class Route:
 
 
 def tunnel_id_from_server_name(server_name):
-    """The first label of the server name, lower-cased (9.4.1), or None."""
+    """The first label of the server name, lower-cased (the rest is not checked), or None."""
     if not server_name:
         return None
     label = server_name.split(".", 1)[0].lower()
@@ -66,6 +66,7 @@ _REFUSALS = {
     Reason.SNI_DISABLED: "SNI ingress not enabled for {}",
     Reason.NOT_CONNECTED: "tunnel {} is not connected",
     Reason.UNREACHABLE: "tunnel {} is connected only on nodes that cannot be reached",
+    Reason.STORAGE_UNAVAILABLE: "tunnel {} could not be looked up (storage failing)",
 }
 
 
@@ -432,7 +433,7 @@ class SNIProtocol(Protocol):
             self._linger(self.transport)
 
     def _refuse(self, message):
-        """Close before the TLS handshake (9.4.2): the client sees a reset/EOF."""
+        """Close before the TLS handshake completes: the client sees a reset/EOF."""
         self._fail(message)
 
     def _fail(self, message, abort=False, level="info"):

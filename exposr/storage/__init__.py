@@ -1,4 +1,4 @@
-"""Storage backends (reference/storage.md 10) and `storage_from_url`."""
+"""Storage backends (docs/protocol.rst, "Storage layout") and `storage_from_url`."""
 
 from exposr.storage.base import (  # noqa: F401
     NAMESPACES,

@@ -1,9 +1,9 @@
-"""The storage contract shared by every backend (reference/storage.md 10).
+"""The storage contract shared by every backend (docs/protocol.rst, "Storage layout").
 
 A backend is a small key/value store of JSON objects in three namespaces
 (``account``, ``tunnel``, ``ingress-altnames``). Every `IStorage` method
 returns a Deferred. Values are Python dicts; they are serialised as compact
-JSON (10.2) and returned exactly as stored: filling in defaults is the domain's
+JSON and returned exactly as stored: filling in defaults is the domain's
 job.
 """
 
@@ -71,7 +71,8 @@ class IStorage(Interface):
 
     def update(ns, key, fn):
         """
-        Atomic read-modify-write under the backend's lock (10.7).
+        Atomic read-modify-write under the backend's lock (docs/protocol.rst,
+        "Backends and locks").
 
         ``fn(current)`` returns the new dict (or a Deferred of it), or None to
         leave the record untouched. Fires with the dict written, or None when
@@ -79,7 +80,7 @@ class IStorage(Interface):
         """
 
 
-# -- serialisation (10.2) ---------------------------------------------------
+# -- serialisation ----------------------------------------------------------
 
 
 def clean(value):
@@ -136,7 +137,7 @@ def check_namespace(ns):
         raise StorageError("Invalid namespace %r" % (ns,))
 
 
-# -- API list paging (10.8) -------------------------------------------------
+# -- API list paging (docs/protocol.rst, "List cursors") -------------------
 
 
 def encode_cursor(cursor):
@@ -223,7 +224,7 @@ class BaseStorage(service.Service):
     _cleanup = None
     _cleanup_d = None
 
-    # -- expiry cleanup (storage.md 10.4/10.5: at start-up and every 5 minutes)
+    # -- expiry cleanup (at start-up and every 5 minutes)
 
     def _start_cleanup(self, clock, interval):
         """Run `_delete_expired` every ``interval`` s from now; a failure never stops it.

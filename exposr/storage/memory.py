@@ -1,4 +1,4 @@
-"""``memory://``: in-process dicts, lost on restart, single node (storage.md 10.3).
+"""``memory://``: in-process dicts, lost on restart, single node.
 
 Keys keep insertion order; the backend cursor is the decimal offset into that
 order and the end is a call that returns no keys. Updates hold a FIFO mutex per

@@ -1,4 +1,4 @@
-"""``exposrd-migrate SOURCE DEST [--dry-run] [--namespace NS ...]`` (storage.md 10.9).
+"""``exposrd-migrate SOURCE DEST [--dry-run] [--namespace NS ...]``.
 
 Copies every key of each namespace from one storage to another in batches of
 100, overwriting what the destination holds (upsert), then deletes destination

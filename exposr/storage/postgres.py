@@ -1,4 +1,4 @@
-"""``postgres://user:password@host[:port]/database`` (storage.md 10.5).
+"""``postgres://user:password@host[:port]/database`` (docs/protocol.rst, "Backends and locks").
 
 Same tables as the original (``account``, ``tunnel``, ``ingress_altnames``:
 ``key TEXT PRIMARY KEY, value JSONB NOT NULL, modified_at TIMESTAMP NOT NULL,

@@ -1,4 +1,4 @@
-"""``redis://[:password@]host[:port][/db]`` (storage.md 10.6, 10.7).
+"""``redis://[:password@]host[:port][/db]`` (docs/protocol.rst, "Backends and locks").
 
 Key layout shared with the original: ``<namespace>:<key>`` holding the JSON
 text (``tunnel:my-tunnel``, ``account:MPW4YDYVNPFXVV2D``,
@@ -11,7 +11,7 @@ is still ours. Within one process, updates of one key also queue on a FIFO
 mutex first, so only other nodes make us retry.
 
 Commands go to live txredisapi connections only: while Redis is away every
-call fails at once with `StorageUnavailable` (10.6: no queueing) and the
+call fails at once with `StorageUnavailable` (no queueing) and the
 connections come back by themselves.
 """
 
@@ -326,7 +326,7 @@ class RedisStorage(BaseStorage):
         d = self._cmd(lambda c: c.scan(start, prefix + "*", count))
         return d.addCallback(page)
 
-    # -- atomic update (10.7) -----------------------------------------------
+    # -- atomic update ------------------------------------------------------
 
     @defer.inlineCallbacks
     def acquire_lock(self, resource):

@@ -1,4 +1,4 @@
-"""``sqlite://<path>``: one file, single node (storage.md 10.4).
+"""``sqlite://<path>``: one file, single node (docs/protocol.rst, "Backends and locks").
 
 The layout is the original's, so a file can move between an original node and
 this one: one table per namespace (``account``, ``tunnel``,

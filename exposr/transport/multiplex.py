@@ -2,7 +2,7 @@
 ws-multiplex, protocol version 2: framing and channel state machine (sans-I/O).
 
 Wire-compatible with ``@exposr/ws-multiplex`` 1.4.0 as used by the original
-exposrd and the exposr client (spec: reference/ws-multiplex.md, section 6).
+exposrd and the exposr client (see docs/protocol.rst, "ws-multiplex").
 This module does no I/O and imports nothing from Twisted; the server's
 WebSocket binding and our Python client both drive it.
 
@@ -55,12 +55,13 @@ The binding sets these callbacks on a channel (all default to no-ops):
 
 and calls ``write(data)``, ``close(error=None)``, ``pause()``, ``resume()``.
 
-Channel numbers follow the hard constraint of 6.3: one counter per
-multiplexer, starting at ``first_channel`` (1), advanced for every channel
-created locally or accepted, wrapping from 2**32-1 to 1 and skipping numbers
-still in use. The server role still consumes a number for an OPEN from the
-peer (ACK, then CLOSE with ``ERR_WSM_OPEN_CHANNEL_REJECTED``) so both
-counters stay in lock-step.
+Channel numbers stay in lock-step with the peer's (the exposr client accepts
+DATA only when both sides use the same number for a channel; docs/protocol.rst,
+"Channels"): one counter per multiplexer, starting at ``first_channel`` (1),
+advanced for every channel created locally or accepted, wrapping from 2**32-1
+to 1 and skipping numbers still in use. The server role still consumes a
+number for an OPEN from the peer (ACK, then CLOSE with
+``ERR_WSM_OPEN_CHANNEL_REJECTED``) so both counters stay in lock-step.
 
 ``mux.teardown(error)`` ends every channel (``on_close(error)``), sends
 nothing, and calls ``mux.on_teardown(error)`` once; the binding closes the
@@ -71,9 +72,9 @@ Leniency (documented decisions)
 -------------------------------
 * Messages shorter than 16 bytes and unknown types are ignored.
 * The header ``length`` field is not checked: the payload is everything after
-  byte 16, as the reference receiver does. We always send it correctly.
+  byte 16, as the original receiver does. We always send it correctly.
 * DATA is routed by ``dst`` alone; its ``src`` is not compared with the
-  pairing (the reference client does; we are lenient on receive).
+  pairing (the exposr client does; we are lenient on receive).
 * A DATA payload larger than ``max_payload`` (4 MiB) closes that channel with
   `ERR_WSM_MESSAGE_TOO_LARGE` (our own string); the data is dropped.
 * DATA/PAUSE/RESUME/ACK for a channel that is not open (unknown or still
@@ -82,7 +83,7 @@ Leniency (documented decisions)
 * A CLOSE crossing our own CLOSE is ACKed; we then still wait for the ACK of
   ours (or 1 s), so neither side sees a message for an unknown channel.
 * ``close()`` sends the data buffered by a PAUSE before the CLOSE, even while
-  still paused (a CLOSE must follow all pending data, 6.3).
+  still paused (a CLOSE must follow all pending data of its channel).
 
 Hot path: a DATA message costs one ``unpack_from``, one dict lookup and one
 slice; outgoing DATA one ``pack`` and one concatenation per <= 64 KiB piece.
@@ -126,7 +127,7 @@ PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
 MAX_REASON = 1024  # bytes of a peer's CLOSE reason kept in peer_error
 
-# 6.7 error strings (CLOSE payloads and on_close values)
+# error strings (CLOSE payloads and on_close values; docs/protocol.rst, "Error strings")
 ERR_WS_PING_TIMEOUT = "ERR_WS_PING_TIMEOUT"
 ERR_WS_SOCKET_CLOSED_UNEXPECTEDLY = "ERR_WS_SOCKET_CLOSED_UNEXPECTEDLY"
 ERR_WS_SOCKED_CLOSED = "ERR_WS_SOCKED_CLOSED"  # (sic)
@@ -140,7 +141,7 @@ ERR_WSM_OPEN_CHANNEL_REUSE = "ERR_WSM_OPEN_CHANNEL_REUSE"
 ERR_WSM_CHANNEL_MISMATCH = "ERR_WSM_CHANNEL_MISMATCH"
 ERR_WSM_MESSAGE_TOO_LARGE = "ERR_WSM_MESSAGE_TOO_LARGE"  # ours, not in 1.4.0
 
-# errno-style code the reference socket exposes for each error (6.7)
+# errno-style code the exposr client's socket exposes for each error
 ERROR_CODES = {
     ERR_WSM_NO_CHANNELS: "EMFILE",
     ERR_WSM_OPEN_CHANNEL_TIMEOUT: "ERR_SOCKET_CONNECTION_TIMEOUT",
@@ -509,7 +510,7 @@ class Multiplexer:
             self.on_warning(f"ws-multiplex: accepted peer channel {src} as "
                             f"{n}; numbering out of lock-step")
         if self.role == SERVER or self.on_incoming is None:
-            # Consume the number (lock-step, 6.3), then refuse.
+            # Consume the number (both counters stay in lock-step), then refuse.
             self._close(ch, ERR_WSM_OPEN_CHANNEL_REJECTED)
         else:
             self.on_incoming(ch)
@@ -594,7 +595,7 @@ class Multiplexer:
 
 class KeepAlive:
     """
-    Bookkeeping for 6.5: the binding pings every `PING_INTERVAL` seconds,
+    Keep-alive bookkeeping: the binding pings every `PING_INTERVAL` seconds,
     calls ``pong(now)`` on every pong and, at each ping tick, tears the
     multiplexer down with `ERR_WS_PING_TIMEOUT` when ``expired(now)``.
     """

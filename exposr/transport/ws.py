@@ -2,11 +2,11 @@
 
 The shared HTTP listener (`exposr.listener`) authorises an upgrade to
 ``/v1/tunnel/<id>/ws-endpoint?t=<token>`` itself (so refusals get the JSON
-answers of the reference) and then hands the connection, with the bytes read so
-far, to a `TunnelWebSocket` built by `WSTransport.protocol_for`. From the
-handshake on, the WebSocket is an `ITunnelConnection`: every
-``open_stream(factory)`` opens one channel and attaches the factory's protocol
-to a `StreamTransport` over it.
+answers of docs/protocol.rst, "WebSocket endpoint") and then hands the
+connection, with the bytes read so far, to a `TunnelWebSocket` built by
+`WSTransport.protocol_for`. From the handshake on, the WebSocket is an
+`ITunnelConnection`: every ``open_stream(factory)`` opens one channel and
+attaches the factory's protocol to a `StreamTransport` over it.
 
 Back-pressure: when the TCP connection to the client is backed up, every
 channel's producer (the ingress sockets) is paused until it drains; a PAUSE from
@@ -174,7 +174,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._closing = True
         if self.state == self.STATE_OPEN:
             # sendClose() refuses 1001/1008 (autobahn allows applications only
-            # 1000 and 3000-4999); the reference codes are sent as they are
+            # 1000 and 3000-4999); the original's codes are sent as they are
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason or "", 123) or None, isReply=False)
         elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
             self.dropConnection(abort=True)
@@ -236,7 +236,8 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         return d
 
     def disconnect(self, reason="disconnected"):
-        """Server-side disconnect: close the WebSocket (fixes the original's W1)."""
+        """Server-side disconnect: close the WebSocket (1001 on shutdown, else 1000),
+        so the client notices; the original left it open."""
         if "shutting down" in (reason or "").lower():
             code, reason = CLOSE_GOING_AWAY, "Server shutting down"
         else:

@@ -100,6 +100,13 @@ class UserAuth(userauth.SSHUserAuthServer):
             self._refuse(count=False)  # `none` (or a key) without a token: ask for a password
             return
         svc = self.transport.factory.exposr
+        ip = self.transport.peer_ip
+        if svc.limiter is not None and svc.limiter.blocked(ip):
+            self._done = True
+            self.transport.sendDisconnect(
+                sshtransport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failed logins, try later"
+            )
+            return
         try:
             result = yield svc.tunnels.authorize(tunnel_id, token)
         except Exception as e:
@@ -108,6 +115,8 @@ class UserAuth(userauth.SSHUserAuthServer):
         if self._done or self.transport._lost:
             return
         if not result:
+            if svc.limiter is not None:
+                svc.limiter.failed(ip)
             log.info(
                 "SSH login refused for tunnel {tunnel_id} from {peer}",
                 tunnel_id=tunnel_id[:80],

@@ -77,10 +77,12 @@ class SSHTransportService(Service):
         keepalive_max_missed=KEEPALIVE_MAX_MISSED,
         stream_open_timeout=STREAM_OPEN_TIMEOUT,
         endpoint=None,
+        limiter=None,
     ):
         self.config = config
         self.tunnels = tunnels
         self.connections = connections
+        self.limiter = limiter  # failed logins per client address (`exposr.ratelimit.FailureLimiter`)
         self.node_id = node_id
         self.reactor = reactor
         self.login_grace = login_grace
@@ -95,6 +97,7 @@ class SSHTransportService(Service):
         self.protocols = set()  # live ServerTransport instances
         self.max_unauthenticated_per_ip = MAX_UNAUTHENTICATED_PER_IP
         self.unauthenticated = collections.Counter()  # peer IP -> connections not yet logged in
+        self.logins_in_progress = {}  # peer IP -> its ServerTransports not yet logged in, oldest first
         self._listening = None
         self._waiting_close = []
 

@@ -1,13 +1,13 @@
 """Sans-I/O part of the SSH transport: what a ``tcpip-forward`` means for the
-tunnel target (reference/ssh.md 7.6) and how target URLs are rendered.
+tunnel target (docs/protocol.rst, "Remote forwarding") and how target URLs
+are rendered.
 
 The original turns the bind pair into ``tcp://<address>[:<port>]``, renames the
 scheme after the IANA service of the port and lets WHATWG URL rules drop the
 default port of special schemes; the only observable effect of the renaming is
-that ports 80, 443 and 21 are elided (and then never adopted, defect S4). This
-module adopts them too (known-issues S4), so only a small table of service
-ports is needed: the one used to compute the reply port of a target whose URL
-has no explicit port.
+that ports 80, 443 and 21 are elided (and then never adopted). This module
+adopts them too, so only a small table of service ports is needed: the one
+used to compute the reply port of a target whose URL has no explicit port.
 """
 
 import ipaddress
@@ -154,7 +154,7 @@ class ForwardDecision:
 
 def forward_target(current, address, port):
     """
-    Apply ssh.md 7.6 with the recommended fixes to the current target URL
+    Apply the rules of docs/protocol.rst, "Remote forwarding", to the current target URL
     (a string or None) for a forward request (bind ``address``, ``port``).
     """
     cur = parse_url(current) if current else None

@@ -55,15 +55,18 @@ class ServerTransport(sshtransport.SSHServerTransport):
         svc.protocols.add(self)
         self._closed = defer.Deferred()
         ip = self.peer_ip
-        if svc.unauthenticated[ip] >= svc.max_unauthenticated_per_ip:
-            # a scanner or a flood: the address already has that many logins
-            # in progress; close before any key exchange work
-            log.info("SSH connection from {peer} refused: {n} logins in progress", peer=ip,
-                     n=svc.unauthenticated[ip])
-            self._lost = True
-            self.transport.abortConnection()
-            return
+        waiting = svc.logins_in_progress.setdefault(ip, [])
+        if len(waiting) >= svc.max_unauthenticated_per_ip:
+            # the address already has that many logins in progress (a scanner,
+            # a flood, or many users behind one NAT): the oldest makes room, so
+            # that stalled logins cannot lock everyone at the address out
+            oldest = waiting[0]
+            log.info("SSH login in progress from {peer} closed: {n} in progress, a newer one came",
+                     peer=ip, n=len(waiting))
+            oldest._uncount()
+            oldest.transport.abortConnection()
         svc.unauthenticated[ip] += 1
+        waiting.append(self)
         self._counted_ip = ip
         self._grace_call = svc.reactor.callLater(svc.login_grace, self._grace_expired)
         # window adjusts and keep-alives are small packets: never hold them
@@ -210,10 +213,16 @@ class ServerTransport(sshtransport.SSHServerTransport):
     def _uncount(self):
         ip, self._counted_ip = self._counted_ip, None
         if ip is not None:
-            unauthenticated = self.factory.exposr.unauthenticated
-            unauthenticated[ip] -= 1
-            if unauthenticated[ip] <= 0:
-                del unauthenticated[ip]
+            svc = self.factory.exposr
+            svc.unauthenticated[ip] -= 1
+            if svc.unauthenticated[ip] <= 0:
+                del svc.unauthenticated[ip]
+            waiting = svc.logins_in_progress.get(ip)
+            if waiting is not None:
+                if self in waiting:
+                    waiting.remove(self)
+                if not waiting:
+                    del svc.logins_in_progress[ip]
 
     def connectionLost(self, reason=None):
         self._lost = True
