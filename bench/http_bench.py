@@ -186,8 +186,10 @@ def wait_file(path, pattern, timeout=30):
         raise SystemExit(f"timed out waiting for {pattern!r}:\n{f.read().decode(errors='replace')[-2000:]}")
 
 
-def wrk(url, connections, duration, host=None):
+def wrk(url, connections, duration, host=None, headers=()):
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    for header in headers:
+        argv[1:1] = ["-H", header]
     if host:
         argv[1:1] = ["-H", f"Host: {host}"]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
