@@ -144,10 +144,11 @@ class Rewriter:
             b"x-real-ip": ipb,
             b"exposr-via": self._node + b"," + via if via else self._node,
         }
-        drop = None
+        # the client's Connection header is about its own connection: the hop
+        # to the target, or to the node holding the tunnel (a kept-alive peer
+        # connection shared by every request), stays persistent
+        drop = None if upgrade else b"connection"
         if local:
-            if not upgrade:
-                drop = b"connection"
             if base is not None:
                 scheme, bhost, port = base
                 hostport = bhost if port is None else f"{bhost}:{port}"

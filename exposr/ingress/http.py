@@ -570,7 +570,23 @@ class IngressSession(protocol.Protocol):
             if up is not None:
                 self._acquired((up, True), head)
                 return None
-        return pool.open().addCallback(self._opened, head)
+        d = pool.open()
+        if route.remote:
+            d.addErrback(self._reroute, route)
+        return d.addCallback(self._opened, head)
+
+    def _reroute(self, failure, route):
+        """A node holding the tunnel could not be reached (it is now skipped):
+        once, another node that holds it."""
+        if self.state == CLOSED:
+            return failure
+        try:
+            again = self.ingress.router.route(self.tunnel_id)
+        except Refusal:
+            return failure
+        if not again.remote or again.key == route.key:
+            return failure
+        return self.ingress.pool(again).open()
 
     def _opened(self, up, head):
         self._acquired((up, False), head)
