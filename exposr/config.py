@@ -66,11 +66,14 @@ class Config:
     cluster_udp_discovery: str = "auto"
     cluster_udp_port: int = 1025
     cluster_udp_discovery_multicast_group: str = "239.0.0.1"
+    cluster_udp_discovery_multicast_ttl: int = 1
     cluster_udp_discovery_kubernetes_service: str | None = None
     cluster_udp_discovery_kubernetes_namespace: str | None = None
     cluster_udp_discovery_kubernetes_service_env: str = "SERVICE_NAME"
     cluster_udp_discovery_kubernetes_namespace_env: str = "POD_NAMESPACE"
     cluster_udp_discovery_kubernetes_cluster_domain: str = "cluster.local"
+    # the file whose presence means "running in Kubernetes" (tests point it elsewhere)
+    cluster_udp_discovery_kubernetes_namespace_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
     cluster_redis_url: str | None = None
     cluster_node_ip: str | None = None  # override of the advertised node IP (K2)
     cluster_redis_channel: str = "exposr"

@@ -175,6 +175,13 @@ def _multicast_group(text):
     return text
 
 
+def _ttl(text):
+    value = int(text) if re.fullmatch(r"[0-9]{1,3}", text) else -1
+    if not 0 <= value <= 255:
+        raise ValueError(f"expected a TTL 0-255, got {text!r}")
+    return value
+
+
 _PRIVATE_KEY = re.compile(r"BEGIN OPENSSH PRIVATE KEY", re.IGNORECASE)
 
 
@@ -282,6 +289,8 @@ OPTIONS = (
     O("cluster-udp-port", _port, "UDP port of the cluster bus."),
     O("cluster-udp-discovery-multicast-group", _multicast_group,
       "Multicast group (within 239.0.0.0/8).", hidden=True),
+    O("cluster-udp-discovery-multicast-ttl", _ttl,
+      "TTL of multicast datagrams (0: this host only, 1: one subnet).", hidden=True),
     O("cluster-udp-discovery-kubernetes-service", _text,
       "Headless service name.", hidden=True),
     O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace.", hidden=True),
@@ -291,6 +300,8 @@ OPTIONS = (
       "Env var holding the namespace.", hidden=True),
     O("cluster-udp-discovery-kubernetes-cluster-domain", _text,
       "Kubernetes cluster domain.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-namespace-file", _text,
+      "File whose presence makes Kubernetes discovery eligible.", hidden=True),
     O("cluster-redis-url", _url("redis", "rediss"),
       "Redis URL of the cluster bus; required with --cluster redis."),
     O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
