@@ -78,6 +78,8 @@ class Config:
     cluster_node_ip: str | None = None  # override of the advertised node IP (K2)
     cluster_redis_channel: str = "exposr"
     cluster_discovery_wait: float | None = None  # None: 20 s in multi-node modes, 0 for one node
+    # why `--cluster auto` resolved to `cluster` (None when the mode was given); for the start-up log
+    cluster_why: str | None = attrs.field(default=None, eq=False)
 
     # Storage
     storage_url: str = "memory://"

@@ -516,13 +516,17 @@ def resolve(cli, environ):
         if urlsplit(v["storage-url"]).scheme == "memory":
             v["storage-url"] = v["redis-url"]
     storage = urlsplit(v["storage-url"]).scheme
+    cluster_why = None
     if v["cluster"] == "auto":
         if v["redis-url"]:
             v["cluster"] = "redis"
+            cluster_why = "--redis-url is set"
         elif storage not in ("memory", "sqlite"):
             v["cluster"] = "udp"
+            cluster_why = f"the {storage}: storage can be shared by several nodes"
         else:
             v["cluster"] = "single-node"
+            cluster_why = f"the {storage}: storage belongs to this process alone"
 
     if v["cluster"] == "redis" and not v["cluster-redis-url"]:
         raise ConfigError("Missing required argument: cluster-redis-url")
@@ -543,4 +547,5 @@ def resolve(cli, environ):
                 raise ConfigError(f"--{name}: required when SNI ingress is enabled")
             _read_check(name, v[name])
 
-    return Config(**{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})
+    return Config(cluster_why=cluster_why,
+                  **{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})
