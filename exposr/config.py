@@ -85,7 +85,7 @@ class Config:
     storage_url: str = "memory://"
     storage_pgsql_connection_pool_size: int = 10
 
-    # DNS used to verify alt names: "host[:port]", or None for the system resolver.
+    # DNS used to verify alt names and by Kubernetes peer discovery: "host[:port]", or None for the system resolver.
     dns_server: str | None = None
 
     # Logging

@@ -319,7 +319,8 @@ OPTIONS = (
     O("ingress-http-domain", _url("http", "https"),
       "Deprecated: same as --ingress-http-url.", default=None, hidden=True),
     # Misc
-    O("dns-server", _dns_server, "ip[:port] of the DNS server used to verify alt names."),
+    O("dns-server", _dns_server,
+      "ip[:port] of the DNS server used to verify alt names and for Kubernetes peer discovery."),
     O("listen-address", _ip, "IP address every listener binds (default: all)."),
     O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
       "Log level: all, trace, debug, info, warn, error, fatal, off."),

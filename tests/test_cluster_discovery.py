@@ -3,6 +3,7 @@ server started in the test (twisted.names, 127.0.0.1, port 0) answering the
 headless service name."""
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.names import authority, client, common, dns, server
 from twisted.trial import unittest
 
@@ -167,6 +168,23 @@ class KubernetesDiscoveryTests(unittest.TestCase):
         self.assertEqual(peers, ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.9"])
         self.assertEqual(self.discovery.lookups, 2)
         self.flushLoggedErrors(Broken)  # the test server logs what it answered SERVFAIL for
+
+    @defer.inlineCallbacks
+    def test_failures_are_logged_once_until_the_name_answers_again(self):
+        logged = []
+        observer = lambda e: logged.append(e) if e.get("log_namespace") == "exposr.cluster.discovery" else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.zone.broken.add(HEADLESS)
+        yield within(self.discovery.peers())
+        yield within(self.discovery.peers())
+        self.zone.broken.clear()
+        yield within(self.discovery.peers())
+        self.assertEqual([(e["log_level"], formatEvent(e).split(" (")[0]) for e in logged], [
+            (LogLevel.warn, "Kubernetes peer discovery: lookup of %s failed" % HEADLESS),
+            (LogLevel.info, "Kubernetes peer discovery: %s answers again" % HEADLESS),
+        ])
+        self.flushLoggedErrors(Broken)
 
     @defer.inlineCallbacks
     def test_unknown_name_gives_the_known_nodes(self):
