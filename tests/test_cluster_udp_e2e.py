@@ -12,8 +12,10 @@
   ready and list each other in ``GET /v1/admin/cluster``;
 * forcing Kubernetes discovery outside Kubernetes fails start-up.
 
-Redis (127.0.0.1:6379) uses the db test_storage_cluster.py uses for this
-worker, flushed before and after (the two never run at the same time).
+The nodes only open the Redis storage (127.0.0.1:6379, the db
+test_storage_cluster.py uses for this worker): they SELECT and PING, write
+nothing, so nothing is flushed (a FLUSHDB would also hit other runs on this
+machine that share the db).
 """
 
 import base64
@@ -141,16 +143,6 @@ def free_tcp_port():
 
 class ThreeProcessTests(unittest.TestCase):
     timeout = 120
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        import txredisapi
-
-        self.redis = yield txredisapi.Connection("127.0.0.1", 6379, dbid=REDIS_DB, reconnect=False,
-                                                 convertNumbers=False).addTimeout(10, reactor)
-        self.addCleanup(self.redis.disconnect)
-        yield self.redis.flushdb()
-        self.addCleanup(self.redis.flushdb)
 
     def spawn(self, n, ports, dns_server, namespace_file, **extra_env):
         ip = "127.0.0.%d" % n
