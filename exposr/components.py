@@ -6,6 +6,9 @@ services, the router, the transports, ingresses, APIs and listeners for a
 `Parts` (the services in start-up order); the root service adds them.
 """
 
+import os
+from urllib.parse import urlsplit
+
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -107,7 +110,7 @@ def build(config, reactor, node, readiness):
     accounts = AccountService(storage, reactor)
     altnames = _altnames(config, storage, reactor)
     registry = ConnectionRegistry(config, node.id, reactor)
-    cluster, multi = _cluster(config, reactor, node, registry)
+    cluster, multi, problem = _cluster(config, reactor, node, registry)
     tunnels = TunnelService(
         config, storage, accounts, registry, reactor, altnames=altnames,
         sni_url_for=sni.url if sni is not None else None, cluster=cluster,
@@ -125,6 +128,8 @@ def build(config, reactor, node, readiness):
     parts = Parts(storage, accounts, tunnels, registry, router, cluster, listeners=listeners)
     # the cluster bus stops after the registry has announced its last disconnects
     parts.services += [storage, cluster, registry]
+    if problem is not None:
+        parts.start_hooks.append(lambda: _fail(problem))
     parts.start_hooks.append(cluster.bus_ready)
     parts.ready_hooks.append(cluster.discovery_wait)
     parts.stop_hooks.append(registry.stop)
@@ -253,30 +258,96 @@ class SNICertificates(MultiService):
         return self.watcher.serverConnectionForTLS(tlsProtocol)
 
 
-def _cluster(config, reactor, node, registry):
-    """The cluster service on the bus of the configured mode; (service, multi-node?)."""
+def _cluster(config, reactor, node, registry, environ=None):
+    """
+    The cluster service on the bus of the configured mode: (service, multi-node?,
+    start-up problem or None). A problem (the discovery method forced by the
+    options cannot be used here) fails start-up with its message.
+    """
     from twisted.logger import Logger
 
     log = Logger(namespace="exposr.cluster")
     mode = config.cluster
+    why = f"--cluster auto: {config.cluster_why}" if config.cluster_why else f"--cluster {mode}"
+    discovery = problem = None
     if mode == "redis":
         from exposr.cluster.redisbus import RedisBus
 
         bus = RedisBus(node, config.cluster_key, config.cluster_redis_url, reactor,
                        channel=config.cluster_redis_channel)
+        log.info("Cluster mode redis ({why}): Redis pub/sub at {where}, channel {channel}", why=why,
+                 where=bus.address.describe(), channel=config.cluster_redis_channel)
+    elif mode == "udp":
+        bus, discovery, problem = _udp_bus(config, reactor, node, why, log,
+                                           os.environ if environ is None else environ)
     else:
-        if mode == "udp":
-            log.warn("The UDP cluster bus is not available yet: this node runs alone "
-                     "(use --cluster redis with --cluster-redis-url to cluster)")
+        log.info("Cluster mode single-node ({why}): in-process bus", why=why)
         bus = LocalBus(node, config.cluster_key, reactor)
     multi = not isinstance(bus, LocalBus)
     if multi and config.cluster_key == DEFAULT_CLUSTER_KEY:
         log.warn("--cluster-key is the default key: set the same secret key on every node "
                  "(EXPOSR_CLUSTER_KEY), or anyone who can reach the bus can speak for a node")
+    if multi and urlsplit(config.storage_url).scheme == "memory":
+        log.warn("memory:// storage belongs to one process: the nodes of this cluster share no "
+                 "accounts or tunnels (set --storage-url to a postgres:// or redis:// URL)")
     wait = config.cluster_discovery_wait
     if wait is None:
         wait = DISCOVERY_WAIT if multi else 0.0
-    return ClusterService(bus, node, registry, reactor, discovery_wait=wait), multi
+    cluster = ClusterService(bus, node, registry, reactor, discovery_wait=wait)
+    if discovery is not None and hasattr(discovery, "membership"):
+        discovery.membership = cluster.membership  # the known nodes are peers too
+    return cluster, multi, problem
+
+
+def _udp_bus(config, reactor, node, why, log, environ):
+    """(UDPBus, its discovery, problem): the discovery ``--cluster-udp-discovery`` selects."""
+    from exposr.cluster import discovery as discoveries
+    from exposr.cluster.udpbus import UDPBus
+
+    choice = config.cluster_udp_discovery
+    namespace_file = config.cluster_udp_discovery_kubernetes_namespace_file
+    eligible = discoveries.kubernetes_eligible(namespace_file)
+    if choice == "kubernetes" and not eligible:
+        log.error("Kubernetes peer discovery needs {path}, which does not exist", path=namespace_file)
+        problem = discoveries.DiscoveryUnavailable("Selected peer discovery method kubernetes could not be used")
+        return LocalBus(node, config.cluster_key, reactor), None, problem
+    if choice == "kubernetes" or (choice == "auto" and eligible):
+        service, namespace = discoveries.kubernetes_names(config, environ)
+        discovery = discoveries.KubernetesDiscovery(
+            _resolver(config, reactor), service, namespace,
+            config.cluster_udp_discovery_kubernetes_cluster_domain, None, reactor,
+        )
+        because = "forced" if choice == "kubernetes" else f"auto: {namespace_file} exists"
+        target = discovery.hostname + (f" via DNS server {config.dns_server}" if config.dns_server else "")
+        bus = UDPBus(node, config.cluster_key, reactor, discovery, port=config.cluster_udp_port,
+                     listen_address=config.listen_address)
+    else:
+        group = config.cluster_udp_discovery_multicast_group
+        discovery = discoveries.MulticastDiscovery(group)
+        because = "forced" if choice == "multicast" else f"auto: {namespace_file} does not exist"
+        bus = UDPBus(node, config.cluster_key, reactor, discovery, port=config.cluster_udp_port,
+                     listen_address=config.listen_address, multicast_group=group,
+                     multicast_ttl=config.cluster_udp_discovery_multicast_ttl)
+        target = "group %s on %s, TTL %d" % (group, bus.multicast_interface() or "the default interface",
+                                            config.cluster_udp_discovery_multicast_ttl)
+    log.info("Cluster mode udp ({why}): UDP port {port}, {method} discovery ({because}): {target}",
+             why=why, port=config.cluster_udp_port, method=discovery.name, because=because, target=target)
+    return bus, discovery, None
+
+
+def _resolver(config, reactor):
+    """The DNS resolver of Kubernetes discovery: ``--dns-server`` alone, else the system's servers."""
+    from twisted.names import client
+
+    if config.dns_server:
+        from exposr.altnames import parse_dns_server
+
+        return client.Resolver(servers=[parse_dns_server(config.dns_server)], reactor=reactor)
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+
+
+def _fail(problem):
+    raise problem
 
 
 def _bound_port(port, listeners, *names):

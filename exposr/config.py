@@ -66,22 +66,27 @@ class Config:
     cluster_udp_discovery: str = "auto"
     cluster_udp_port: int = 1025
     cluster_udp_discovery_multicast_group: str = "239.0.0.1"
+    cluster_udp_discovery_multicast_ttl: int = 1
     cluster_udp_discovery_kubernetes_service: str | None = None
     cluster_udp_discovery_kubernetes_namespace: str | None = None
     cluster_udp_discovery_kubernetes_service_env: str = "SERVICE_NAME"
     cluster_udp_discovery_kubernetes_namespace_env: str = "POD_NAMESPACE"
     cluster_udp_discovery_kubernetes_cluster_domain: str = "cluster.local"
+    # the file whose presence means "running in Kubernetes" (tests point it elsewhere)
+    cluster_udp_discovery_kubernetes_namespace_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
     cluster_redis_url: str | None = None
     cluster_node_ip: str | None = None  # override of the advertised node IP (auto-detected otherwise)
     cluster_redis_channel: str = "exposr"
     cluster_discovery_wait: float | None = None  # None: 20 s in multi-node modes, 0 for one node
+    # why `--cluster auto` resolved to `cluster` (None when the mode was given); for the start-up log
+    cluster_why: str | None = attrs.field(default=None, eq=False)
 
     # Storage
     storage_url: str = "memory://"
     storage_timeout: float = 5.0  # seconds a storage call may take, waits included
     storage_pgsql_connection_pool_size: int = 10
 
-    # DNS used to verify alt names: "host[:port]", or None for the system resolver.
+    # DNS used to verify alt names and by Kubernetes peer discovery: "host[:port]", or None for the system resolver.
     dns_server: str | None = None
 
     # Logging

@@ -175,6 +175,13 @@ def _multicast_group(text):
     return text
 
 
+def _ttl(text):
+    value = int(text) if re.fullmatch(r"[0-9]{1,3}", text) else -1
+    if not 0 <= value <= 255:
+        raise ValueError(f"expected a TTL 0-255, got {text!r}")
+    return value
+
+
 _PRIVATE_KEY = re.compile(r"BEGIN OPENSSH PRIVATE KEY", re.IGNORECASE)
 
 
@@ -282,6 +289,8 @@ OPTIONS = (
     O("cluster-udp-port", _port, "UDP port of the cluster bus."),
     O("cluster-udp-discovery-multicast-group", _multicast_group,
       "Multicast group (within 239.0.0.0/8).", hidden=True),
+    O("cluster-udp-discovery-multicast-ttl", _ttl,
+      "TTL of multicast datagrams (0: this host only, 1: one subnet).", hidden=True),
     O("cluster-udp-discovery-kubernetes-service", _text,
       "Headless service name.", hidden=True),
     O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace.", hidden=True),
@@ -291,6 +300,8 @@ OPTIONS = (
       "Env var holding the namespace.", hidden=True),
     O("cluster-udp-discovery-kubernetes-cluster-domain", _text,
       "Kubernetes cluster domain.", hidden=True),
+    O("cluster-udp-discovery-kubernetes-namespace-file", _text,
+      "File whose presence makes Kubernetes discovery eligible.", hidden=True),
     O("cluster-redis-url", _url("redis", "rediss"),
       "Redis URL of the cluster bus; required with --cluster redis."),
     O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
@@ -310,7 +321,8 @@ OPTIONS = (
     O("ingress-http-domain", _url("http", "https"),
       "Deprecated: same as --ingress-http-url.", default=None, hidden=True),
     # Misc
-    O("dns-server", _dns_server, "ip[:port] of the DNS server used to verify alt names."),
+    O("dns-server", _dns_server,
+      "ip[:port] of the DNS server used to verify alt names and for Kubernetes peer discovery."),
     O("listen-address", _ip, "IP address every listener binds (default: all)."),
     O("shutdown-grace", _seconds,
       "Seconds a server keeps serving after SIGTERM with readiness off, so load balancers move away (5)."),
@@ -511,13 +523,17 @@ def resolve(cli, environ):
         if urlsplit(v["storage-url"]).scheme == "memory":
             v["storage-url"] = v["redis-url"]
     storage = urlsplit(v["storage-url"]).scheme
+    cluster_why = None
     if v["cluster"] == "auto":
         if v["redis-url"]:
             v["cluster"] = "redis"
+            cluster_why = "--redis-url is set"
         elif storage not in ("memory", "sqlite"):
             v["cluster"] = "udp"
+            cluster_why = f"the {storage}: storage can be shared by several nodes"
         else:
             v["cluster"] = "single-node"
+            cluster_why = f"the {storage}: storage belongs to this process alone"
 
     if v["cluster"] == "redis" and not v["cluster-redis-url"]:
         raise ConfigError("Missing required argument: cluster-redis-url")
@@ -538,4 +554,5 @@ def resolve(cli, environ):
                 raise ConfigError(f"--{name}: required when SNI ingress is enabled")
             _read_check(name, v[name])
 
-    return Config(**{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})
+    return Config(cluster_why=cluster_why,
+                  **{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})

@@ -503,6 +503,20 @@ class OtherOptionTests(TestCase, ErrorMixin):
             "--cluster-udp-discovery: invalid choice 'dns'", "--cluster-udp-discovery", "dns"
         )
 
+    def test_kubernetes_namespace_file(self):
+        name = "--cluster-udp-discovery-kubernetes-namespace-file"
+        self.assertEqual(ok().cluster_udp_discovery_kubernetes_namespace_file,
+                         "/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        self.assertEqual(ok(name, "/tmp/ns").cluster_udp_discovery_kubernetes_namespace_file, "/tmp/ns")
+
+    def test_multicast_ttl(self):
+        name = "--cluster-udp-discovery-multicast-ttl"
+        self.assertEqual(ok().cluster_udp_discovery_multicast_ttl, 1)
+        self.assertEqual(ok(name, "0").cluster_udp_discovery_multicast_ttl, 0)
+        self.assertEqual(ok(EXPOSR_CLUSTER_UDP_DISCOVERY_MULTICAST_TTL="32").cluster_udp_discovery_multicast_ttl, 32)
+        for bad in ("256", "-1", "one"):
+            self.assertError(f"{name}: expected a TTL 0-255, got {bad!r}", "--ingress-http-url", URL, name, bad)
+
     def test_trusted_proxies(self):
         self.assertEqual(ok().ingress_http_trusted_proxies, DEFAULT_TRUSTED_PROXIES)
         config = ok("--ingress-http-trusted-proxies", "10.1.0.0/16, 192.0.2.7,2001:db8::/32")

@@ -10,8 +10,9 @@
 * ``tunnel:announce``: the local connections of a tunnel (`ConnectionRegistry
   .announcement`), at once when they change, and every `ANNOUNCE_INTERVAL`
   seconds for every tunnel with local connections, `ANNOUNCE_BATCH` tunnels a
-  message. Received from a peer, it replaces what this node knew of that
-  peer's connections of each tunnel;
+  message, fewer when a batch would not fit the bus's ``max_payload`` (the
+  UDP bus: one datagram). Received from a peer, it replaces what this node
+  knew of that peer's connections of each tunnel;
 * ``tunnel:disconnect`` ``{"tunnel_id"}``: every node, the sender included,
   closes its local connections of the tunnel. `disconnect` publishes it and
   waits up to `DISCONNECT_WAIT` seconds for the tunnel to be disconnected
@@ -21,6 +22,8 @@ Every periodic job is a `exposr.periodic.Periodic` (a TimerService) on the
 injected clock. Bus failures are logged and retried by the next period; a
 malformed payload from a peer is ignored with a debug line.
 """
+
+import json
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -154,9 +157,11 @@ class ClusterService(MultiService):
     def announce_all(self):
         tunnels = self.registry.local_tunnels()
         ds = []
+        budget = getattr(self.bus, "max_payload", None)
         for i in range(0, len(tunnels), ANNOUNCE_BATCH):
             batch = [self.registry.announcement(t) for t in tunnels[i:i + ANNOUNCE_BATCH]]
-            ds.append(self._publish(ANNOUNCE, batch))
+            for part in _fitting(batch, budget):
+                ds.append(self._publish(ANNOUNCE, part))
         return defer.gatherResults(ds, consumeErrors=True) if ds else None
 
     @defer.inlineCallbacks
@@ -204,3 +209,25 @@ class ClusterService(MultiService):
                 continue
             self.registry.learn(message.node_id, entry["tunnel_id"],
                                 [c for c in connections if isinstance(c, dict)])
+
+
+def _fitting(entries, budget):
+    """
+    ``entries`` split, in order, into lists whose compact JSON is at most
+    ``budget`` bytes (a bus whose messages are limited in size, such as one
+    UDP datagram, says so as ``max_payload``); one list when ``budget`` is
+    None. An entry too large on its own goes alone (the bus refuses it).
+    """
+    if budget is None:
+        return [entries]
+    parts, part, size = [], [], 2  # the brackets
+    for entry in entries:
+        n = len(json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if part and size + 1 + n > budget:
+            parts.append(part)
+            part, size = [], 2
+        size += n + (1 if part else 0)
+        part.append(entry)
+    if part:
+        parts.append(part)
+    return parts
