@@ -184,3 +184,87 @@ class SlowClientTests(_Base):
         conn.transport.write(b"POST /v1/account HTTP/1.1\r\n" + host + b"Content-Length: 60000\r\n\r\n")
         trickle(conn)
         yield within(conn.closed, 10)
+
+
+class HygieneTests(_Base):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield _Base.setUp(self)
+        self.target = yield _HeadsTarget().start()
+        self.addCleanup(self.target.stop)
+        yield self.serve(self.target.url)
+
+    @defer.inlineCallbacks
+    def forwarded(self, data, path):
+        """Send ``data``; the head the target received for ``path``."""
+        conn = yield self.connect()
+        conn.request(data)
+        head, body, _ = yield conn.response()
+        self.assertEqual((head.status, body), (200, b"ok"))
+        heads = [h for h in self.target.heads if h.split(b" ")[1] == path]
+        self.assertEqual(len(heads), 1, self.target.heads)
+        return heads[0]
+
+    @defer.inlineCallbacks
+    def test_content_length_list_is_forwarded_as_one_value(self):
+        head = yield self.forwarded(self.req(b"PUT", b"/cl", headers=[(b"Content-Length", b"5, 5")]) + b"hello", b"/cl")
+        self.assertEqual(_header(head, b"content-length"), [b"5"])
+        head = yield self.forwarded(self.req(b"PUT", b"/cl2", headers=[(b"Content-Length", b"5")] * 2) + b"hello",
+                                    b"/cl2")
+        self.assertEqual(_header(head, b"content-length"), [b"5"])
+        conn = yield self.connect()
+        conn.request(self.req(b"PUT", b"/cl3", headers=[(b"Content-Length", b"5, 6")]) + b"hello")
+        head, _, _ = yield conn.response()
+        self.assertEqual(head.status, 400)
+
+    @defer.inlineCallbacks
+    def test_hop_by_hop_headers_are_not_forwarded(self):
+        hop = [(b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"s"), (b"Keep-Alive", b"timeout=5"),
+               (b"TE", b"trailers"), (b"Proxy-Authorization", b"Basic eDp5"), (b"Upgrade", b"h2c"),
+               (b"X-Kept", b"k")]
+        head = yield self.forwarded(self.req(b"GET", b"/hop", headers=hop), b"/hop")
+        for name in (b"connection", b"x-secret", b"keep-alive", b"te", b"proxy-authorization", b"upgrade"):
+            self.assertEqual(_header(head, name), [], name)
+        self.assertEqual(_header(head, b"x-kept"), [b"k"])
+
+    @defer.inlineCallbacks
+    def test_upgrade_keeps_connection_upgrade_only(self):
+        up = [(b"Connection", b"keep-alive, Upgrade, X-Secret"), (b"Upgrade", b"websocket"), (b"X-Secret", b"s")]
+        head = yield self.forwarded(self.req(b"GET", b"/up", headers=up), b"/up")
+        self.assertEqual(_header(head, b"connection"), [b"Upgrade"])
+        self.assertEqual(_header(head, b"upgrade"), [b"websocket"])
+        self.assertEqual(_header(head, b"x-secret"), [])
+
+    @defer.inlineCallbacks
+    def test_absolute_form_is_routed_and_forwarded_by_its_authority(self):
+        authority = self.server.host(TID).encode()
+        data = b"GET http://" + authority + b"/abs?q=1 HTTP/1.1\r\nHost: elsewhere.localhost\r\n\r\n"
+        head = yield self.forwarded(data, b"/abs?q=1")
+        self.assertTrue(head.startswith(b"GET /abs?q=1 HTTP/1.1\r\n"), head)
+        self.assertEqual(_header(head, b"x-forwarded-host"), [authority])
+
+
+class TunnelIdTests(_Base):
+    @defer.inlineCallbacks
+    def api(self, data):
+        conn = yield self.connect()
+        conn.request(data, data.split(b" ", 1)[0])
+        resp = yield conn.response()
+        return resp
+
+    @defer.inlineCallbacks
+    def test_new_tunnel_id_longer_than_a_dns_label_is_refused(self):
+        import base64
+        import json
+
+        host = b"Host: 127.0.0.1:%d\r\n" % self.server.port
+        head, body, _ = yield self.api(b"POST /v1/account HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n\r\n")
+        self.assertEqual(head.status, 201)
+        token = base64.b64encode(json.loads(body)["account_id"].encode())
+        auth = b"Authorization: Bearer " + token + b"\r\n"
+        for n, status in ((63, 200), (64, 400), (65, 400)):
+            put = b"PUT /v1/tunnel/" + b"a" * n + b" HTTP/1.1\r\n" + host + auth
+            head, body, _ = yield self.api(put + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertEqual(head.status, status, (n, body))
+            if status == 400:
+                self.assertEqual(json.loads(body)["error"], "BAD_INPUT")

@@ -846,8 +846,14 @@ class RequestParser(_Parser):
         elif cl is not None:
             length = _content_length(cl, 400)
             mode = _LENGTH if length else _NONE
+            if len(cl) > 1 or not cl[0].isdigit():
+                # "5, 5" or repeated equal lines: forwarded as one plain value
+                head.set(b"Content-Length", b"%d" % length)
+                head.raw = head.serialize()
         else:
             mode, length = _NONE, 0
+        if target[0] != 47 and method != b"CONNECT" and target != b"*":  # not origin-form ("/...")
+            _origin_form(head)
         if method == b"CONNECT" or (upgrade and b"upgrade" in tokens):
             # framed as any request; after its End the parser waits (`upgraded`, `refused`)
             self._upgrade_next = True
@@ -880,6 +886,31 @@ class RequestParser(_Parser):
         data, self._buf = bytes(self._buf), bytearray()
         self._state = _S_HEAD
         return self.feed(data) if data else []
+
+
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^#]*)(?:#.*)?", re.S)
+
+
+def _origin_form(head):
+    """An absolute-form request target becomes origin-form, its authority the Host.
+
+    The request is routed by its target's authority and the target must see
+    the same (a server must ignore Host for an absolute-form request):
+    ``GET http://a.example/x`` with ``Host: b.example`` is forwarded as
+    ``GET /x`` with ``Host: a.example``. Anything else that is not
+    origin-form (nor ``*``, nor CONNECT's authority-form) is refused.
+    """
+    m = _ABSOLUTE.fullmatch(head.target)
+    if m is None or m.group(1).lower() not in (b"http", b"https"):
+        raise HeadError(400, "request target not in origin or absolute form")
+    authority, rest = m.group(2), m.group(3)
+    if not authority or b"@" in authority or not re.fullmatch(rb"[A-Za-z0-9.\-_~:\[\]]+", authority):
+        raise HeadError(400, "invalid authority in the request target")
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    head.target = rest
+    head.set(b"Host", authority)
+    head.raw = head.serialize()
 
 
 class ResponseParser(_Parser):
