@@ -266,18 +266,18 @@ def build(config, reactor, node, readiness):
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
         parts.add_listener(
             Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
-                     _site(admin_resource(interface, admin_api)))
+                     _site(admin_resource(interface, admin_api), config, reactor))
         )
     else:
         if interface is not None:
             parts.add_listener(
                 Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
-                         _site(admin_resource(interface, None)))
+                         _site(admin_resource(interface, None), config, reactor))
             )
         if admin_api is not None:
             parts.add_listener(
                 Listener("admin-api", tcp_endpoint(reactor, config.admin_api_port, address),
-                         _site(admin_resource(None, admin_api)))
+                         _site(admin_resource(None, admin_api), config, reactor))
             )
     return parts
 
