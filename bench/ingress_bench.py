@@ -71,6 +71,9 @@ class _Registry:
     def is_connected(self, tunnel_id):
         return True
 
+    def has_local(self, tunnel_id):
+        return True
+
     def connection_for(self, tunnel_id):
         return self.conn
 

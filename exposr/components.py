@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
@@ -54,9 +55,96 @@ class BoundedRequest(Request):
             self.content.write(data[:room])
 
 
+_TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class BoundedChannel(HTTPChannel):
+    """An HTTP channel whose every read from the client is bounded in time.
+
+    Its site gives the limits: a request head must be complete within
+    ``head_timeout`` of its first byte (408, closed); a request body must
+    bring at least ``body_min_rate`` bytes/s, and a byte, over each
+    ``body_timeout`` window (closed); silence at any other time (an idle
+    kept-alive connection) is twisted.web's own inactivity timeout, the
+    site's ``timeout`` (``head_timeout``).
+    """
+
+    _head_call = None
+    _body_call = None
+    _idle = None
+
+    def dataReceived(self, data):
+        if self._body_call is not None:
+            self._body_got += len(data)
+        elif self._head_call is None and self.line_mode and not self._handlingRequest:
+            self._head_call = self.callLater(self.site.head_timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def _head_too_slow(self):
+        self._head_call = None
+        self._log.info("request head too slow from {peer}: closed", peer=str(self.transport.getPeer()))
+        self.transport.write(_TIMEOUT_408)
+        self.transport.loseConnection()
+
+    def allHeadersReceived(self):
+        self._cancel_head()
+        super().allHeadersReceived()
+        if self.length != 0 and self.transport is not None:
+            # the body's own window replaces the inactivity timeout meanwhile
+            self._idle = self.setTimeout(None)
+            self._body_got = 0
+            self._body_since = self.site.clock.seconds()
+            self._body_call = self.callLater(self.site.body_timeout, self._body_check)
+
+    def _body_check(self):
+        self._body_call = None
+        clock = self.site.clock
+        elapsed = clock.seconds() - self._body_since
+        if self._body_got < max(1, self.site.body_min_rate * elapsed):
+            self._log.info("request body too slow from {peer} ({n} bytes in {s:.0f} s): closed",
+                           peer=str(self.transport.getPeer()), n=self._body_got, s=elapsed)
+            self.transport.abortConnection()
+            return
+        self._body_got = 0
+        self._body_since = clock.seconds()
+        self._body_call = self.callLater(self.site.body_timeout, self._body_check)
+
+    def allContentReceived(self):
+        if self._body_call is not None:
+            self._cancel_body()
+            self.setTimeout(self._idle)
+        super().allContentReceived()
+
+    def _cancel_head(self):
+        if self._head_call is not None:
+            if self._head_call.active():
+                self._head_call.cancel()
+            self._head_call = None
+
+    def _cancel_body(self):
+        if self._body_call is not None:
+            if self._body_call.active():
+                self._body_call.cancel()
+            self._body_call = None
+
+    def connectionLost(self, reason):
+        self._cancel_head()
+        self._cancel_body()
+        super().connectionLost(reason)
+
+
 class _QuietSite(Site):
     noisy = False
     requestFactory = BoundedRequest
+    protocol = BoundedChannel
+
+    def __init__(self, resource, reactor, head_timeout=30.0, body_timeout=60.0, body_min_rate=10):
+        # twisted.web's inactivity timeout covers idle kept-alive connections
+        Site.__init__(self, resource, timeout=head_timeout, reactor=reactor)
+        self.clock = reactor
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
 
 
     def log(self, request):
@@ -148,7 +236,7 @@ def build(config, reactor, node, readiness):
 
     public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint, ssh_port=ssh_port,
                        limiter=FailureLimiter(reactor, "account number"))
-    site = _QuietSite(public.resource())
+    site = _site(public.resource(), config, reactor)
 
     ws = None
     if config.ws_transport_enabled:
@@ -198,18 +286,18 @@ def build(config, reactor, node, readiness):
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
         parts.add_listener(
             Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
-                     _QuietSite(admin_resource(interface, admin_api)))
+                     _site(admin_resource(interface, admin_api), config, reactor))
         )
     else:
         if interface is not None:
             parts.add_listener(
                 Listener("admin", tcp_endpoint(reactor, config.admin_port, address),
-                         _QuietSite(admin_resource(interface, None)))
+                         _site(admin_resource(interface, None), config, reactor))
             )
         if admin_api is not None:
             parts.add_listener(
                 Listener("admin-api", tcp_endpoint(reactor, config.admin_api_port, address),
-                         _QuietSite(admin_resource(None, admin_api)))
+                         _site(admin_resource(None, admin_api), config, reactor))
             )
     return parts
 
@@ -348,6 +436,12 @@ def _resolver(config, reactor):
 
 def _fail(problem):
     raise problem
+
+
+def _site(resource, config, reactor):
+    """A twisted.web site with the configured time limits of client reads."""
+    return _QuietSite(resource, reactor, head_timeout=config.http_head_timeout,
+                      body_timeout=config.http_body_timeout, body_min_rate=config.http_body_min_rate)
 
 
 def _bound_port(port, listeners, *names):

@@ -32,6 +32,18 @@ class Config:
     ingress_http_url: str | None = None
     ingress_http_port: int = 8080
     ingress_http_agent_idle_timeout: float = 60.0
+    # Time limits of public HTTP reads (beyond the original; docs/reliability.rst).
+    # A request head (front door, ingress, API) must be complete within
+    # http_head_timeout; on the ingress it runs from the connection's start
+    # or the previous response's end, bounding an idle kept-alive connection.
+    http_head_timeout: float = 30.0
+    # A request body (ingress, API) must bring at least http_body_min_rate
+    # bytes/s, and at least one byte, over each http_body_timeout window.
+    http_body_timeout: float = 60.0
+    http_body_min_rate: int = 10
+    # An upgraded ingress connection (WebSocket, CONNECT) with no byte
+    # either way for this long is closed.
+    ingress_http_tunnel_idle_timeout: float = 300.0
     # CIDRs whose X-Forwarded-For / Forwarded is believed (beyond the original).
     ingress_http_trusted_proxies: tuple = DEFAULT_TRUSTED_PROXIES
     ingress_sni_port: int = 4430

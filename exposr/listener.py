@@ -133,6 +133,7 @@ class Door(protocol.Factory):
         self.ws = ws
         self.tunnels = tunnels
         self.limiter = limiter  # failed connection tokens per client address
+        self.first_head_timeout = getattr(config, "http_head_timeout", FIRST_HEAD_TIMEOUT)
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.api_host = None
         if config.api_url:

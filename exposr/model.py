@@ -74,6 +74,17 @@ def is_valid_tunnel_id(value):
     return isinstance(value, str) and _TUNNEL_ID_RE.fullmatch(value) is not None
 
 
+#: A new tunnel's id is also a DNS label (``<id>.<ingress domain>``): at
+#: most 63 characters. The pattern above admits 65, as the original does;
+#: tunnels it created with 64-65 characters stay readable, updatable and
+#: deletable, but no new one is created.
+MAX_NEW_TUNNEL_ID = 63
+
+
+def is_valid_new_tunnel_id(value):
+    return is_valid_tunnel_id(value) and len(value) <= MAX_NEW_TUNNEL_ID
+
+
 def tunnel_id_error(value):
     """The BAD_INPUT ``field`` message for an invalid tunnel id."""
     return '"tunnel_id" with value "%s" fails to match the required pattern: %s' % (

@@ -59,6 +59,19 @@ def _seconds(text):
     return value
 
 
+def _positive_seconds(text):
+    value = _seconds(text)
+    if not value > 0:
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _count(text):
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise ValueError(f"expected a whole number 0 or more, got {text!r}")
+    return int(text)
+
+
 def _text(text):
     return text
 
@@ -251,6 +264,17 @@ OPTIONS = (
     O("ingress-http-port", _port, "Port of the HTTP ingress.", hidden=True),
     O("ingress-http-agent-idle-timeout", _seconds,
       "Idle timeout (seconds) of upstream keep-alive pools.", hidden=True),
+    O("ingress-http-tunnel-idle-timeout", _positive_seconds,
+      "Seconds an upgraded HTTP ingress connection (WebSocket, CONNECT) may pass no byte either way (300)."),
+    O("http-head-timeout", _positive_seconds,
+      "Seconds a client has to send a request head (ingress, API; on the ingress also the idle"
+      " time of a kept-alive connection) (30)."),
+    O("http-body-timeout", _positive_seconds,
+      "Window (seconds) over which a request body must keep up --http-body-min-rate; a body"
+      " with no byte for this long is cut (60)."),
+    O("http-body-min-rate", _count,
+      "Bytes/s a request body must average over each --http-body-timeout window (10; 0: only"
+      " require a byte per window)."),
     O("ingress-http-trusted-proxies", _cidrs,
       "Comma list of CIDRs whose X-Forwarded-For/Forwarded is believed ('none': nobody)."),
     O("ingress-sni-port", _port, "Port of the SNI (TLS) ingress."),

@@ -82,9 +82,16 @@ class ForwardedHeadersTests(unittest.TestCase):
         self.assertEqual(h.get(b"exposr-via"), NODE.encode() + b"," + b"b" * 40)
 
     def test_connection_removed_except_upgrade(self):
-        h = rewritten(b"Host: T.localhost.example", b"Connection: keep-alive, x-foo", b"Keep-Alive: 5")
-        self.assertIsNone(h.get(b"connection"))
-        self.assertEqual(h.get(b"keep-alive"), b"5")
+        h = rewritten(b"Host: T.localhost.example", b"Connection: keep-alive, x-foo", b"Keep-Alive: 5",
+                      b"X-Foo: 1", b"TE: trailers", b"Proxy-Authorization: Basic eDp5", b"X-Bar: 2")
+        # hop-by-hop: the standard ones and those named in Connection
+        for name in (b"connection", b"keep-alive", b"x-foo", b"te", b"proxy-authorization"):
+            self.assertIsNone(h.get(name), name)
+        self.assertEqual(h.get(b"x-bar"), b"2")
+        # framing headers are never dropped for being named in Connection
+        h = rewritten(b"Host: T.localhost.example", b"Connection: content-length, host", b"Content-Length: 0")
+        self.assertEqual(h.get(b"content-length"), b"0")
+        self.assertIsNotNone(h.get(b"host"))
         h = rewritten(b"Host: T.localhost.example", b"Connection: Upgrade", b"Upgrade: websocket")
         self.assertEqual(h.get(b"connection"), b"Upgrade")
         self.assertEqual(h.get(b"upgrade"), b"websocket")

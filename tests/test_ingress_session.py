@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from exposr import errors
+from exposr.config import Config
 from exposr.router import Router
 from exposr.ingress.http import HEAD_TIMEOUT, HTTPIngress
 from tests.fake_connection import FakeRegistry, FakeTunnelConnection
@@ -30,6 +31,10 @@ def make_ingress(clock, tunnels, registry, node_id=NODE):
         ingress_http_url="http://tunnels.test:8080",
         ingress_http_trusted_proxies=[],
         ingress_http_agent_idle_timeout=IDLE_TIMEOUT,
+        http_head_timeout=HEAD_TIMEOUT,
+        http_body_timeout=Config().http_body_timeout,
+        http_body_min_rate=Config().http_body_min_rate,
+        ingress_http_tunnel_idle_timeout=Config().ingress_http_tunnel_idle_timeout,
     )
     return HTTPIngress(config, Router(tunnels, registry, clock), node_id, clock)
 

@@ -236,6 +236,9 @@ class PublicAPI:
             return error
         tunnel = await self.tunnels.get(tunnel_id)
         if tunnel is None:
+            if not model.is_valid_new_tunnel_id(tunnel_id):
+                # longer than a DNS label: refused as any bad id
+                return bad_input(request, model.tunnel_id_error(tunnel_id))
             await self.tunnels.create(tunnel_id, account["id"])
             tunnel = await self.tunnels.get(tunnel_id)
         if tunnel is None or tunnel.get("account") != account["id"]:

@@ -93,11 +93,13 @@ class Rewriter:
         memoised per combination, a keep-alive client repeats them.
         """
         headers = head.headers
-        host = referer = origin = via = None
+        host = referer = origin = via = conn = None
         for name, value in headers:
             lname = name.lower()
             if lname in _READ:
-                if lname == b"host":
+                if lname == b"connection":
+                    conn = value if conn is None else conn + b", " + value
+                elif lname == b"host":
                     host = value if host is None else host + b", " + value
                 elif lname == b"referer":
                     referer = value if referer is None else referer + b", " + value
@@ -107,10 +109,10 @@ class Rewriter:
                     via = value if via is None else via + b", " + value
         if upgrade is None:
             upgrade = head.is_upgrade
-        key = (ip, base, target_url, local, upgrade, host, referer, origin, via)
+        key = (ip, base, target_url, local, upgrade, host, referer, origin, via, conn)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(ip, base, target_url, local, upgrade, host, referer, origin, via)
+            plan = self._plan(ip, base, target_url, local, upgrade, host, referer, origin, via, conn)
             if len(self._plans) >= PLAN_CACHE_MAX:
                 self._plans.clear()
             self._plans[key] = plan
@@ -127,7 +129,7 @@ class Rewriter:
                 else:
                     placed.add(lname)
                 out.append((lname, new[lname]))
-            elif lname != drop:
+            elif lname not in drop:
                 out.append(pair)
         if placed is None:
             out += tail
@@ -136,18 +138,34 @@ class Rewriter:
         headers[:] = out
         return head
 
-    def _plan(self, ip, base, target_url, local, upgrade, host, referer, origin, via):
-        """(new values by name, the name to drop, new values in append order)."""
+    def _plan(self, ip, base, target_url, local, upgrade, host, referer, origin, via, conn):
+        """(new values by name, the names to drop, new values in append order).
+
+        Toward the target, hop-by-hop headers are dropped: the standard ones,
+        and those the client named in ``Connection`` (never the framing
+        headers). An upgrade keeps ``Upgrade`` and says ``Connection: Upgrade``.
+        """
         ipb = ip.encode()
         new = {
             b"x-forwarded-for": ipb,
             b"x-real-ip": ipb,
             b"exposr-via": self._node + b"," + via if via else self._node,
         }
-        # the client's Connection header is about its own connection: the hop
-        # to the target, or to the node holding the tunnel (a kept-alive peer
-        # connection shared by every request), stays persistent
-        drop = None if upgrade else b"connection"
+        # hop-by-hop headers are about the client's own connection: they do
+        # not go on, to the target or to the node holding the tunnel (whose
+        # kept-alive connection is shared by every request, so a client's
+        # Connection: close must not end it)
+        drop = set(_HOP_BY_HOP)
+        if conn:
+            drop.update(t.strip(b" \t").lower() for t in conn.split(b","))
+        drop -= _NEVER_DROP
+        if upgrade:
+            drop.discard(b"upgrade")
+            if conn is not None:
+                new[b"connection"] = b"Upgrade"
+        else:
+            drop.update((b"connection", b"upgrade"))
+        drop = frozenset(drop)
         if local:
             if base is not None:
                 scheme, bhost, port = base
@@ -190,7 +208,11 @@ class Rewriter:
 
 
 PLAN_CACHE_MAX = 4096
-_READ = frozenset((b"exposr-via", b"host", b"referer", b"origin"))
+_READ = frozenset((b"exposr-via", b"host", b"referer", b"origin", b"connection"))
+# hop-by-hop headers a proxy does not forward (besides those named in Connection)
+_HOP_BY_HOP = frozenset((b"keep-alive", b"te", b"proxy-authorization", b"proxy-connection", b"proxy-authenticate"))
+# never dropped for being named in Connection: the message's framing and route
+_NEVER_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"", b"close"))
 
 
 def _safe(value):

@@ -30,7 +30,10 @@ from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 log = Logger(namespace="exposr.ingress.http")
 _default_access_log = AccessLog("exposr.ingress.http.access")
 
-HEAD_TIMEOUT = 30.0
+HEAD_TIMEOUT = 30.0  # the default of --http-head-timeout
+BODY_TIMEOUT = 60.0  # the default of --http-body-timeout
+BODY_MIN_RATE = 10  # the default of --http-body-min-rate (bytes/s)
+TUNNEL_IDLE_TIMEOUT = 300.0  # the default of --ingress-http-tunnel-idle-timeout
 ROUTE_INFO_MAX = 10000  # memoised (host, client address, base URL) entries per cache
 
 # refusals of the router as the ingress answers them (docs/protocol.rst, "Ingress errors")
@@ -119,7 +122,7 @@ class Upstream(protocol.Protocol):
             self.transport.loseConnection()
             return
         if self.parser is None:  # an upgraded stream: raw both ways
-            session.response_started = True
+            session.received += 1  # activity, for the idle timeout
             session.transport.write(data)
             return
         try:
@@ -245,12 +248,21 @@ class HTTPIngress:
     ``access_log`` writes one record per request (`exposr.log.AccessLog`).
     """
 
-    head_timeout = HEAD_TIMEOUT
-
     def __init__(self, config, router, node_id, clock, access_log=None):
         from urllib.parse import urlsplit
 
         self.config = config
+        # every read from a public client is bounded in time (docs/reliability.rst):
+        # a request head must be complete head_timeout after the connection
+        # opened or the previous response ended (this bounds an idle
+        # kept-alive connection too); a request body must bring at least
+        # body_min_rate bytes/s over each body_timeout window (and at least
+        # one byte), unless the ingress itself paused reading; an upgraded
+        # stream with no byte either way for tunnel_idle_timeout is closed
+        self.head_timeout = config.http_head_timeout
+        self.body_timeout = config.http_body_timeout
+        self.body_min_rate = config.http_body_min_rate
+        self.tunnel_idle_timeout = config.ingress_http_tunnel_idle_timeout
         self.router = router
         self.node_id = node_id
         self.clock = clock
@@ -291,8 +303,8 @@ class HTTPIngress:
             timeout = self.idle_timeout
             if route.remote:
                 # another node's ingress closes a kept-alive connection that
-                # waited HEAD_TIMEOUT for a request: reuse it well before that
-                timeout = min(timeout, HEAD_TIMEOUT / 2)
+                # waited its head timeout for a request: reuse it well before that
+                timeout = min(timeout, self.head_timeout / 2)
             pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
@@ -362,10 +374,12 @@ class _Gate:
     def __init__(self, transport):
         self.transport = transport
         self.reasons = set()
+        self.held = False  # paused since the last progress check (the client is not to blame)
 
     def hold(self, reason):
         if not self.reasons:
             self.transport.pauseProducing()
+            self.held = True
         self.reasons.add(reason)
 
     def release(self, reason):
@@ -413,6 +427,12 @@ class IngressSession(protocol.Protocol):
         self.deadline = None  # when the head timer expires; None while a request runs
         self.close_after = False
         self.response_started = False
+        # progress of the body / upgraded stream: `received` counts reads
+        # (client bytes while a body comes, reads both ways once upgraded),
+        # checked by the one connection timer at the end of each window
+        self.received = 0
+        self.mark = 0
+        self.window_start = None
 
     def connectionMade(self):
         # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
@@ -438,6 +458,7 @@ class IngressSession(protocol.Protocol):
         # one timer per connection, moved lazily: a DelayedCall created and
         # cancelled per request costs more than one that fires and re-arms
         clock = self.ingress.clock
+        self.window_start = None
         self.deadline = clock.seconds() + self.ingress.head_timeout
         if self.timer is None:
             self.timer = clock.callLater(self.ingress.head_timeout, self._head_timer)
@@ -451,13 +472,64 @@ class IngressSession(protocol.Protocol):
 
     def _head_timer(self):
         self.timer = None
-        if self.deadline is None or self.state == CLOSED:
+        state = self.state
+        if state == FORWARD or state == TUNNEL:
+            self._check_progress()
+            return
+        if self.deadline is None or state == CLOSED:
             return  # a request is running: the next _arm_timer re-arms
         left = self.deadline - self.ingress.clock.seconds()
         if left > 0:
             self.timer = self.ingress.clock.callLater(left, self._head_timer)
             return
         self._head_timeout()
+
+    def _watch_progress(self):
+        """A request body starts coming, or the connection was upgraded: check its progress."""
+        clock = self.ingress.clock
+        self.window_start = clock.seconds()
+        self.mark = self.received
+        self.gate.held = False
+        window = self._window()
+        if self.timer is None:
+            self.timer = clock.callLater(window, self._head_timer)
+        elif self.timer.getTime() > self.window_start + window:
+            self.timer.reset(window)
+
+    def _window(self):
+        ingress = self.ingress
+        return ingress.body_timeout if self.state == FORWARD else ingress.tunnel_idle_timeout
+
+    def _check_progress(self):
+        clock = self.ingress.clock
+        if self.window_start is None:  # a request without a body: nothing to watch yet
+            self._watch_progress()
+            return
+        window = self._window()
+        now = clock.seconds()
+        elapsed = now - self.window_start
+        if elapsed < window:  # a timer armed for something else: a full window first
+            self.timer = clock.callLater(window - elapsed, self._head_timer)
+            return
+        got = self.received - self.mark
+        if self.state == FORWARD:
+            # bytes of the body; no blame while the ingress paused reading
+            enough = got >= max(1, self.ingress.body_min_rate * elapsed) or self.gate.held or self.gate.reasons
+            if not enough:
+                log.info("tunnel {tunnel}: request body too slow ({n} bytes in {s:.0f} s): closed",
+                         tunnel=getattr(self, "tunnel_id", None), n=got, s=elapsed)
+        else:
+            enough = got > 0
+        if not enough:
+            if self.status is None:
+                self.status = 408
+            self._access()
+            self.transport.abortConnection()
+            return
+        self.window_start = now
+        self.mark = self.received
+        self.gate.held = False
+        self.timer = clock.callLater(window, self._head_timer)
 
     def _head_timeout(self):
         self.timer = None
@@ -471,6 +543,7 @@ class IngressSession(protocol.Protocol):
     def dataReceived(self, data):
         if self.state == CLOSED:
             return
+        self.received += len(data)
         try:
             events = self.parser.feed(data)
         except HeadError as e:
@@ -602,17 +675,18 @@ class IngressSession(protocol.Protocol):
         self.up = up
         self.reused = reused
         up.session = self
-        if self.upgrade:
-            up.parser = None
-        else:
-            up.parser.expect(head.method)
+        # an upgrade request is a request like any other until the target
+        # answers 101 (or 2xx to CONNECT): only then are both sides spliced raw
+        up.parser.expect(head.method)
         up.used += 1
         up.transport.write(head.serialize())
         # splice with back-pressure both ways
         up.transport.registerProducer(self.upstream_reader, True)
         self.transport.registerProducer(up.transport, True)
-        self.state = TUNNEL if self.upgrade else FORWARD
+        self.state = FORWARD
         self.gate.release("routing")
+        if head.chunked or head.content_length:
+            self._watch_progress()
         self._drain_pending()
 
     def _drain_pending(self):
@@ -656,6 +730,7 @@ class IngressSession(protocol.Protocol):
             return
         out = []
         done = False
+        switched = False
         for ev in events:
             t = type(ev)
             if t is Body or t is Raw:
@@ -663,11 +738,19 @@ class IngressSession(protocol.Protocol):
                 out.append(ev.data)
             elif t is Head:
                 head = ev.head
-                self.response_started = True
-                if head.status < 200 and head.status != 101:  # interim (1xx)
+                status = head.status
+                if status < 200 and status != 101:  # interim (1xx)
+                    self.response_started = True
                     out.append(head.raw)
                     continue
-                self.status = head.status
+                if up.parser.raw_mode:  # 101, or 2xx to CONNECT
+                    if not self.upgrade or status == 101 and self.request.method == b"CONNECT":
+                        up.parser = None
+                        self.upstream_failed(up, "switched protocols unasked", "TUNNEL_TARGET_CON_FAILED")
+                        return
+                    switched = True
+                self.response_started = True
+                self.status = status
                 self.response_keep_alive = head.persistent
                 if head.persistent and not self.request_persistent and not self.upgrade:
                     # the client asked to close: the connection ends after
@@ -681,8 +764,25 @@ class IngressSession(protocol.Protocol):
                 break
         if out:
             self._write(out[0] if len(out) == 1 else b"".join(out))
-        if done:
+        if switched:
+            self._switch(up)
+        elif done:
             self._response_done()
+
+    def _switch(self, up):
+        """The target accepted the upgrade: both sides are spliced raw from now on."""
+        up.parser = None
+        if self.state != AWAIT or not self.parser.awaiting_upgrade:
+            # the request body was not complete: the splice cannot be exact
+            self.upstream_failed(up, "upgraded before the request ended")
+            return
+        self.state = TUNNEL
+        self._watch_progress()
+        events = self.parser.upgraded() + self.pending
+        self.pending = []
+        self.gate.release("pipeline")
+        if events:
+            self._handle(events)
 
     def _write(self, data):
         write_now(self.transport, data)
@@ -695,6 +795,7 @@ class IngressSession(protocol.Protocol):
             self.state == AWAIT
             and self.response_keep_alive
             and not up.lost
+            and not self.upgrade
             and not up.parser.in_message
         )
         self.up = None
@@ -710,6 +811,13 @@ class IngressSession(protocol.Protocol):
         self.state = IDLE
         self.request = None
         self.response_started = False
+        if self.parser.awaiting_upgrade:
+            # a refused upgrade: what the client sent since is HTTP again
+            try:
+                self.pending.extend(self.parser.refused())
+            except HeadError as e:
+                self._client_error(e)
+                return
         self.gate.release("pipeline")
         self._arm_timer()
         self._drain_pending()

@@ -32,10 +32,15 @@ byte chunks with ``feed(data)`` and return a list of events:
     follow on the same connection.  ``trailers`` is the list of trailer fields
     of a chunked body (empty otherwise).
 ``Raw(data)``
-    After the head of an upgrade or ``CONNECT`` request, or of a ``101``
-    response (or a 2xx answer to ``CONNECT``), the parser stops parsing and
-    passes everything on as ``Raw``, including bytes that arrived in the
-    same chunk as the head.
+    After the head of a ``101`` response (or of a 2xx answer to
+    ``CONNECT``), the response parser stops parsing and passes everything on
+    as ``Raw``, including bytes that arrived in the same chunk as the head.
+    An upgrade or ``CONNECT`` request is framed like any request (its body,
+    if any, then ``End``); after it the request parser holds what follows
+    until the proxy knows the answer: ``upgraded()`` (a 101, or a 2xx to
+    ``CONNECT``) switches it to ``Raw`` and returns the held bytes,
+    ``refused()`` (any other final response) resumes HTTP parsing with them.
+    A connection is spliced raw only once the target agreed.
 
 A response with no length and no chunked coding is delimited by the end of
 the connection: call ``feed_eof()`` to get its ``End``.  ``ResponseParser``
@@ -167,9 +172,10 @@ _FRAMING = ("none", "length", "chunked", "eof", "raw", "interim")
     _S_TRAILERS,
     _S_EOF,
     _S_RAW,
+    _S_UPGRADE,
     _S_CLOSED,
     _S_ERROR,
-) = range(10)
+) = range(11)
 
 
 def _b(value):
@@ -460,6 +466,8 @@ class _Parser:
         self._scan = 0
         self._remaining = 0
         self._error = None
+        # an upgrade (or CONNECT) request is framed: its decision waits after its End
+        self._upgrade_next = False
         #: Framing of the last head: "none", "length", "chunked", "eof"
         #: (close-delimited), "raw" or "interim"; None before the first head.
         self.framing = None
@@ -492,13 +500,29 @@ class _Parser:
         if state == _S_RAW:
             return [Raw(data)]
         buf = self._buf
+        if state == _S_UPGRADE:
+            # bytes after an upgrade request wait for `upgraded` or `refused`
+            buf += data
+            return []
         if buf:
-            if state == _S_HEAD:
+            if state == _S_HEAD or state == _S_TRAILERS:
                 buf += data
-                # Head still incomplete: only scan the new bytes (no copies).
-                if buf.find(b"\r\n\r\n", self._scan) == -1:
-                    self._check_partial_head(len(buf))
+                # Head or trailer section still incomplete: only scan the new
+                # bytes (no copies: linear when it arrives byte by byte).
+                if not (state == _S_TRAILERS and buf.startswith(b"\r\n")) and buf.find(b"\r\n\r\n", self._scan) == -1:
+                    if state == _S_HEAD:
+                        self._check_partial_head(len(buf))
+                    elif len(buf) >= self.max_head_size:
+                        self._fail(self._error_status, "trailer section too large")
                     self._scan = max(0, len(buf) - 3)
+                    return []
+                data = bytes(buf)
+            elif state == _S_CHUNK_SIZE:
+                buf += data
+                if buf.find(b"\r\n", self._scan) == -1:
+                    if len(buf) > MAX_CHUNK_LINE + 1:
+                        self._fail(self._error_status, "chunk-size line too long")
+                    self._scan = max(0, len(buf) - 1)
                     return []
                 data = bytes(buf)
             else:
@@ -534,6 +558,12 @@ class _Parser:
         state = self._state
         while pos < end:
             if state == _S_HEAD:
+                if self._upgrade_next:
+                    # the upgrade request is complete: the rest waits for the decision
+                    self._upgrade_next = False
+                    state = _S_UPGRADE
+                    self._buf = bytearray(memoryview(data)[pos:])
+                    break
                 # Empty lines before a request/status line are ignored.
                 while data.startswith(b"\r\n", pos):
                     pos += 2
@@ -588,6 +618,9 @@ class _Parser:
                 pos = end
             else:
                 pos, state = self._chunked(data, pos, end, state, events)
+        if state == _S_HEAD and self._upgrade_next:
+            self._upgrade_next = False
+            state = _S_UPGRADE
         self._state = state
 
     def _chunked(self, data, pos, end, state, events):
@@ -654,6 +687,7 @@ class _Parser:
         if pos < end:
             # A partial chunk-size line, CRLF or trailer section: keep it.
             self._buf = bytearray(memoryview(data)[pos:])
+            self._scan = 0
             pos = end
         return pos, state
 
@@ -731,7 +765,7 @@ class _Parser:
         self._state = _S_CLOSED
         if state == _S_EOF:
             return [_END]
-        if state == _S_RAW or state == _S_CLOSED:
+        if state == _S_RAW or state == _S_CLOSED or state == _S_UPGRADE:
             return []
         if state == _S_HEAD:
             if self._buf.strip(b"\r\n"):
@@ -812,11 +846,71 @@ class RequestParser(_Parser):
         elif cl is not None:
             length = _content_length(cl, 400)
             mode = _LENGTH if length else _NONE
+            if len(cl) > 1 or not cl[0].isdigit():
+                # "5, 5" or repeated equal lines: forwarded as one plain value
+                head.set(b"Content-Length", b"%d" % length)
+                head.raw = head.serialize()
         else:
             mode, length = _NONE, 0
+        if target[0] != 47 and method != b"CONNECT" and target != b"*":  # not origin-form ("/...")
+            _origin_form(head)
         if method == b"CONNECT" or (upgrade and b"upgrade" in tokens):
-            mode = _RAW
+            # framed as any request; after its End the parser waits (`upgraded`, `refused`)
+            self._upgrade_next = True
         return head, mode, length
+
+    @property
+    def awaiting_upgrade(self):
+        """True once an upgrade (or CONNECT) request is complete, until `upgraded` or `refused`."""
+        return self._state == _S_UPGRADE
+
+    def upgraded(self):
+        """The upgrade was accepted (101, or 2xx to CONNECT): raw from now on.
+
+        Returns the bytes received since the request as ``[Raw(data)]`` (or ``[]``).
+        """
+        if self._state != _S_UPGRADE:
+            raise ValueError("no upgrade request is waiting")
+        data, self._buf = bytes(self._buf), bytearray()
+        self._state = _S_RAW
+        return [Raw(data)] if data else []
+
+    def refused(self):
+        """The upgrade was answered by any other final response: HTTP goes on.
+
+        Returns the events of the bytes received since the request (a
+        `HeadError` for bad ones, as `feed`).
+        """
+        if self._state != _S_UPGRADE:
+            raise ValueError("no upgrade request is waiting")
+        data, self._buf = bytes(self._buf), bytearray()
+        self._state = _S_HEAD
+        return self.feed(data) if data else []
+
+
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^#]*)(?:#.*)?", re.S)
+
+
+def _origin_form(head):
+    """An absolute-form request target becomes origin-form, its authority the Host.
+
+    The request is routed by its target's authority and the target must see
+    the same (a server must ignore Host for an absolute-form request):
+    ``GET http://a.example/x`` with ``Host: b.example`` is forwarded as
+    ``GET /x`` with ``Host: a.example``. Anything else that is not
+    origin-form (nor ``*``, nor CONNECT's authority-form) is refused.
+    """
+    m = _ABSOLUTE.fullmatch(head.target)
+    if m is None or m.group(1).lower() not in (b"http", b"https"):
+        raise HeadError(400, "request target not in origin or absolute form")
+    authority, rest = m.group(2), m.group(3)
+    if not authority or b"@" in authority or not re.fullmatch(rb"[A-Za-z0-9.\-_~:\[\]]+", authority):
+        raise HeadError(400, "invalid authority in the request target")
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    head.target = rest
+    head.set(b"Host", authority)
+    head.raw = head.serialize()
 
 
 class ResponseParser(_Parser):
