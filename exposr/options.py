@@ -216,9 +216,9 @@ class Opt:
     convert: object  # text -> value; BOOL for booleans
     doc: str
     default: object = FROM_CONFIG
-    hidden: bool = False
     short: str | None = None
     multi: bool = False
+    group: str | None = None  # heading in --help; None: from the name (see `group_of`)
 
     @property
     def field(self):
@@ -241,13 +241,13 @@ OPTIONS = (
     O("ingress-http-url", _url("http", "https"),
       "Base URL of the HTTP ingress (https://tun.example.com gives https://<id>.tun.example.com/);"
       " required when HTTP ingress is enabled."),
-    O("ingress-http-port", _port, "Port of the HTTP ingress.", hidden=True),
+    O("ingress-http-port", _port, "Port of the HTTP ingress."),
     O("ingress-http-agent-idle-timeout", _seconds,
-      "Idle timeout (seconds) of upstream keep-alive pools.", hidden=True),
+      "Idle timeout (seconds) of upstream keep-alive pools."),
     O("ingress-http-trusted-proxies", _cidrs,
       "Comma list of CIDRs whose X-Forwarded-For/Forwarded is believed ('none': nobody)."),
     O("ingress-sni-port", _port, "Port of the SNI (TLS) ingress."),
-    O("ingress-sni-host", _text, "host[:port] advertised for SNI ingress.", hidden=True),
+    O("ingress-sni-host", _text, "host[:port] advertised for SNI ingress."),
     O("ingress-sni-cert", _text, "PEM certificate file; required with SNI ingress."),
     O("ingress-sni-key", _text, "PEM private key file; required with SNI ingress."),
     # Transport
@@ -255,12 +255,11 @@ OPTIONS = (
     O("transport-max-connections", _positive_int,
       "Maximum client connections per tunnel (cluster-wide)."),
     O("transport-ssh-port", _port, "Port of the SSH transport."),
-    O("transport-ssh-host", _ssh_host, "host[:port] advertised in SSH URLs.", hidden=True),
+    O("transport-ssh-host", _ssh_host, "host[:port] advertised in SSH URLs."),
     O("transport-ssh-key", _ssh_key,
-      "SSH host key: OpenSSH PEM text, base64 of it, or a file path (default: generated).",
-      hidden=True),
+      "SSH host key: OpenSSH PEM text, base64 of it, or a file path (default: generated)."),
     O("transport-ssh-allow-insecure-target", BOOL,
-      "Do not verify TLS targets of SSH tunnels.", hidden=True),
+      "Do not verify TLS targets of SSH tunnels."),
     # Admin
     O("admin-enable", BOOL, "Enable the admin interface (/ping, /health)."),
     O("admin-port", _port, "Port of the admin interface."),
@@ -268,7 +267,7 @@ OPTIONS = (
     O("admin-api-port", _port, "Port of the admin API."),
     O("admin-api-key", _text, "Key of the admin API."),
     O("admin-api-allow-access-without-key", BOOL,
-      "Open the admin API to anyone when no key is set.", hidden=True),
+      "Open the admin API to anyone when no key is set."),
     # API
     O("api-url", _url("http", "https"), "Only serve the API on this URL's host."),
     O("api-port", _port, "Port of the public API and WS transport.", short="p"),
@@ -281,40 +280,40 @@ OPTIONS = (
       "UDP peer discovery: auto, multicast, kubernetes."),
     O("cluster-udp-port", _port, "UDP port of the cluster bus."),
     O("cluster-udp-discovery-multicast-group", _multicast_group,
-      "Multicast group (within 239.0.0.0/8).", hidden=True),
+      "Multicast group (within 239.0.0.0/8)."),
     O("cluster-udp-discovery-kubernetes-service", _text,
-      "Headless service name.", hidden=True),
-    O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace.", hidden=True),
+      "Headless service name."),
+    O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace."),
     O("cluster-udp-discovery-kubernetes-service-env", _text,
-      "Env var holding the service name.", hidden=True),
+      "Env var holding the service name."),
     O("cluster-udp-discovery-kubernetes-namespace-env", _text,
-      "Env var holding the namespace.", hidden=True),
+      "Env var holding the namespace."),
     O("cluster-udp-discovery-kubernetes-cluster-domain", _text,
-      "Kubernetes cluster domain.", hidden=True),
+      "Kubernetes cluster domain."),
     O("cluster-redis-url", _url("redis", "rediss"),
       "Redis URL of the cluster bus; required with --cluster redis."),
     O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
     O("cluster-redis-channel", _text,
-      "Redis pub/sub channel of the cluster bus (every node the same).", hidden=True),
+      "Redis pub/sub channel of the cluster bus (every node the same)."),
     O("cluster-discovery-wait", _seconds,
-      "Seconds a multi-node server waits for peers before it is ready (20).", default=None, hidden=True),
+      "Seconds a multi-node server waits for peers before it is ready (20).", default=None),
     # Storage
     O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
     O("storage-timeout", _seconds,
       "Seconds a storage call may take (waits included) before it is answered as unavailable."),
     O("storage-pgsql-connection-pool-size", _positive_int,
-      "PostgreSQL connection pool size.", hidden=True),
+      "PostgreSQL connection pool size."),
     # Deprecated
     O("redis-url", _url("redis", "rediss"),
-      "Deprecated: Redis for storage and cluster.", default=None, hidden=True),
+      "Deprecated: Redis for storage and cluster.", default=None, group="Deprecated"),
     O("ingress-http-domain", _url("http", "https"),
-      "Deprecated: same as --ingress-http-url.", default=None, hidden=True),
+      "Deprecated: same as --ingress-http-url.", default=None, group="Deprecated"),
     # Misc
     O("dns-server", _dns_server, "ip[:port] of the DNS server used to verify alt names."),
     O("listen-address", _ip, "IP address every listener binds (default: all)."),
     O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
       "Log level: all, trace, debug, info, warn, error, fatal, off."),
-    O("log-format", _choice("json"), "Log format: json.", hidden=True),
+    O("log-format", _choice("json"), "Log format: json."),
 )
 del O
 SPEC = {opt.name: opt for opt in OPTIONS}
@@ -324,6 +323,77 @@ def _show(value):
     if isinstance(value, tuple):
         value = ",".join(value)
     return value if value != "" else None
+
+
+# -- --help: every option, grouped, at most HELP_WIDTH columns -------------------
+
+HELP_WIDTH = 100
+GROUPS = ("Ingress", "Transports", "API", "Admin", "Cluster", "Storage", "Logging", "Misc",
+          "Deprecated")
+_PREFIX_GROUPS = (
+    ("ingress", "Ingress"), ("transport", "Transports"), ("api-", "API"),
+    ("allow-registration", "API"), ("admin", "Admin"), ("cluster", "Cluster"),
+    ("storage", "Storage"), ("log-", "Logging"),
+)
+_METAVARS = {
+    "_port": "PORT", "_positive_int": "N", "_seconds": "SECONDS", "_text": "TEXT",
+    "_choice": "CHOICE", "_choices": "LIST", "_url": "URL", "_storage_url": "URL", "_ip": "IP",
+    "_cidrs": "CIDRS", "_ssh_host": "HOST[:PORT]", "_dns_server": "IP[:PORT]",
+    "_multicast_group": "IP", "_ssh_key": "KEY",
+}
+
+
+def group_of(opt):
+    """The --help heading of an option: its own, else by name prefix, else Misc."""
+    if opt.group:
+        return opt.group
+    for prefix, group in _PREFIX_GROUPS:
+        if opt.name.startswith(prefix):
+            return group
+    return "Misc"
+
+
+def _metavar(opt):
+    return _METAVARS.get(opt.convert.__qualname__.split(".")[0], "VALUE")
+
+
+def _help_entry(names, doc, width, column=36):
+    """Lines of one entry: names, then the doc wrapped beside them (or below, if too long)."""
+    import textwrap
+
+    text = textwrap.wrap(doc, width - column) or [""]
+    head = "  " + names
+    if len(head) + 2 <= column:
+        return [(head.ljust(column) + text[0]).rstrip()] + [" " * column + t for t in text[1:]]
+    return [head] + [" " * column + t for t in text]
+
+
+def help_text(width=HELP_WIDTH):
+    """Every option, under its group's heading, in table order (``--help`` without the usage line)."""
+    import textwrap
+
+    lines = [""] + textwrap.wrap(Options.longdesc, width)
+    for group in GROUPS + ("Help",):
+        entries = [opt for opt in OPTIONS if group_of(opt) == group]
+        if not entries and group != "Help":
+            continue
+        lines += ["", f"{group}:"]
+        for opt in entries:
+            short = f"-{opt.short}, " if opt.short else "    "
+            if opt.convert is BOOL:
+                names = f"{short}--{opt.name}"
+                shown = "true" if _default(opt) else None
+            else:
+                names = f"{short}--{opt.name}={_metavar(opt)}"
+                default = _default(opt)
+                shown = ", ".join(default) if isinstance(default, tuple) else _show(default)
+            doc = opt.doc + (f" [default: {shown}]" if shown else "")
+            lines += _help_entry(names, doc, width)
+        if group == "Help":
+            lines += _help_entry("-h, --help", "Display this help and exit.", width)
+            lines += _help_entry("    --version", "Display the version and exit.", width)
+            lines += _help_entry("    --show-hidden", "Accepted for compatibility (every option is listed).", width)
+    return "\n".join(lines) + "\n"
 
 
 # -- argv normalisation --------------------------------------------------------
@@ -377,7 +447,7 @@ class Options(usage.Options):
         "'true' is true. --ingress and --transport take several values, repeated or "
         "comma separated. An empty value means 'not set'."
     )
-    optFlags = [["show-hidden", None, "With --help: also list hidden options."]]
+    optFlags = [["show-hidden", None, "Accepted for compatibility (every option is listed)."]]
     for _o in OPTIONS:
         if _o.convert is BOOL:
             optFlags += [[_o.name, None, _o.doc], ["no-" + _o.name, None, None]]
@@ -391,7 +461,6 @@ class Options(usage.Options):
         self.environ = os.environ if environ is None else environ
         self.config = None
         self._cli = {}
-        self._show_hidden = False
         for opt in OPTIONS:
             if opt.convert is not BOOL:
                 self._dispatch[opt.name] = self._record
@@ -417,26 +486,20 @@ class Options(usage.Options):
     def parseOptions(self, options=None):
         if options is None:
             options = sys.argv[1:]
-        self._show_hidden = "--show-hidden" in options
         super().parseOptions(_normalise(options))
 
     def parseArgs(self, *args):
         if args:
             raise ConfigError(f"unexpected argument {args[0]!r}")
 
-    def getUsage(self, width=None):
-        def shown(long):
-            opt = SPEC.get(long.rstrip("="))
-            if long.startswith("no-") and long[3:] in SPEC:
-                return False
-            return opt is None or self._show_hidden or not opt.hidden
+    def getSynopsis(self):
+        if self.parent is None:
+            return "Usage: exposrd [options]"
+        return super().getSynopsis()
 
-        full = self.longOpt
-        self.longOpt = [long for long in full if shown(long)]
-        try:
-            return super().getUsage(width)
-        finally:
-            self.longOpt = full
+    def getUsage(self, width=None):
+        """Every option, grouped (--show-hidden is accepted and changes nothing)."""
+        return help_text(min(width or HELP_WIDTH, HELP_WIDTH))
 
     def postOptions(self):
         self.config = resolve(self._cli, self.environ)

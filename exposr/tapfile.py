@@ -70,16 +70,11 @@ def save(application, path):
 
 
 def _help():
-    from exposr.options import Options
+    from exposr.options import help_text
 
-    options = Options(environ={})
-    options._show_hidden = True
-    text = options.getUsage()
-    # usage.Options starts with "Usage: <program> [options]"; this command takes a FILE first
-    body = text.split("\n", 1)[1] if text.startswith("Usage:") else text
     return (
         f"{USAGE}\n\nWrites FILE, a tap that `twistd -n --reactor exposr -f FILE` runs, holding\n"
-        "the resolved configuration (mode 0600: it holds secrets).\n" + body
+        "the resolved configuration (mode 0600: it holds secrets).\n" + help_text()
     )
 
 

@@ -57,6 +57,7 @@ class MktapTests(unittest.TestCase):
             self.assertTrue(out.startswith("usage: exposrd-mktap FILE [exposrd options]\n"), out)
             for opt in OPTIONS:
                 self.assertIn(f"--{opt.name}", out)
+            self.assertEqual([line for line in out.splitlines() if len(line) > 100], [])
 
     def test_no_file(self):
         code, out, err = self.run_main("--ingress-http-url", URL)
