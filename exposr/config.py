@@ -30,7 +30,7 @@ class Config:
     # Ingress
     ingress: tuple = ("http",)
     ingress_http_url: str | None = None
-    ingress_http_port: int = 8080
+    ingress_http_port: int = 8080  # the option parser defaults it to api_port
     ingress_http_agent_idle_timeout: float = 60.0
     # CIDRs whose X-Forwarded-For / Forwarded is believed (beyond the original).
     ingress_http_trusted_proxies: tuple = DEFAULT_TRUSTED_PROXIES

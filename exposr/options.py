@@ -241,7 +241,9 @@ OPTIONS = (
     O("ingress-http-url", _url("http", "https"),
       "Base URL of the HTTP ingress (https://tun.example.com gives https://<id>.tun.example.com/);"
       " required when HTTP ingress is enabled."),
-    O("ingress-http-port", _port, "Port of the HTTP ingress."),
+    O("ingress-http-port", _port,
+      "Port of the HTTP ingress; the same as --api-port shares that port. [default: --api-port]",
+      default=None),
     O("ingress-http-agent-idle-timeout", _seconds,
       "Idle timeout (seconds) of upstream keep-alive pools."),
     O("ingress-http-trusted-proxies", _cidrs,
@@ -560,6 +562,8 @@ def resolve(cli, environ):
             continue  # only empty elements: not set
         v[name] = value
 
+    if v["ingress-http-port"] is None:  # -p moves the whole shared port
+        v["ingress-http-port"] = v["api-port"]
     if not v["admin-api-key"]:
         v["admin-api-key"] = None
     if v["ingress-http-url"] is None:

@@ -256,6 +256,32 @@ class NumberTests(TestCase, ErrorMixin):
         self.assertEqual(ok("-p", "9000").api_port, 9000)
         self.assertEqual(ok("-p9000").api_port, 9000)
 
+    def test_api_port_moves_the_http_ingress(self):
+        """The ingress shares the API port unless its own port is given (option or variable)."""
+        self.assertEqual((ok().api_port, ok().ingress_http_port), (8080, 8080))
+        for config in (ok("-p", "18080"), ok("--api-port", "18080"), ok(EXPOSR_API_PORT="18080")):
+            self.assertEqual((config.api_port, config.ingress_http_port), (18080, 18080))
+        config = ok("--api-port", "18080", "--ingress-http-port", "8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 8000))
+        config = ok("--api-port", "18080", EXPOSR_INGRESS_HTTP_PORT="8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 8000))
+        config = ok("--ingress-http-port", "9000", EXPOSR_API_PORT="18080", EXPOSR_INGRESS_HTTP_PORT="8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 9000))
+
+    def test_api_port_alone_gives_one_shared_listener(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from exposr.node import Node
+        from exposr.server import ExposrService
+
+        def listeners(*argv):
+            server = ExposrService(ok(*argv), MemoryReactorClock(), node=Node(id="a" * 40, host="1@t", ip="10.0.0.1"))
+            return {name: listener.endpoint._port for name, listener in server.listeners.items()}
+
+        self.assertEqual(listeners("--api-port", "18080"), {"api": 18080})
+        self.assertEqual(listeners("--api-port", "18080", "--ingress-http-port", "8000"),
+                         {"api": 18080, "ingress-http": 8000})
+
     def test_every_port(self):
         names = [
             "ingress-http-port", "ingress-sni-port", "transport-ssh-port", "admin-port",
