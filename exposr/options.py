@@ -315,7 +315,8 @@ OPTIONS = (
     O("listen-address", _ip, "IP address every listener binds (default: all)."),
     O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
       "Log level: all, trace, debug, info, warn, error, fatal, off."),
-    O("log-format", _choice("json"), "Log format: json."),
+    O("log-format", _choice("json", "text"),
+      "Log format: json (one object per line) or text (for a terminal)."),
 )
 del O
 SPEC = {opt.name: opt for opt in OPTIONS}

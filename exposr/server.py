@@ -18,7 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from exposr import __version__
+from exposr import __version__, startup
 from exposr.compat.twisted import clear_exit_signal
 from exposr.node import Node
 from exposr.readiness import Readiness
@@ -66,6 +66,7 @@ class ExposrService(MultiService):
         for child in self.parts.services:
             child.setServiceParent(self)
         self._started = None
+        self._start_failure = None
 
     # -- the parts, by name (for tests and tools) ----------------------------
 
@@ -89,7 +90,7 @@ class ExposrService(MultiService):
     def when_started(self):
         """A Deferred that fires once the server is ready (for tests)."""
         d = defer.Deferred()
-        self._started.addBoth(lambda r: (d.callback(r), r)[1])
+        self._started.addCallback(lambda r: (d.callback(self._start_failure or r), r)[1])
         return d
 
     async def _start(self):
@@ -115,8 +116,14 @@ class ExposrService(MultiService):
             await defer.maybeDeferred(hook)
         self.readiness.started = True
         self.readiness.ready = True
-        log.info("exposrd ready")
+        log.info("exposrd ready: {summary}", summary=self._summary())
         return self
+
+    def _summary(self):
+        bound = {name: (listener.address.host, listener.address.port)
+                 for name, listener in self.parts.listeners.items() if listener.address is not None}
+        ssh = self.parts.ssh
+        return startup.summary(self.config, bound, ssh.port if ssh is not None else None)
 
     def _failed(self, failure):
         self.exit_status.code = 255
@@ -125,7 +132,8 @@ class ExposrService(MultiService):
         if not self.exit_status.caller_exits:
             self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, 255)
         self.reactor.callWhenRunning(self.reactor.stop)
-        return failure
+        # handled (logged above): kept for `when_started`, never an "Unhandled error in Deferred"
+        self._start_failure = failure
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -17,5 +17,6 @@ def makeService(options, reactor=None):
 
     config = options.config
     log.set_level(config.log_level)
+    log.set_format(config.log_format)
     log.use_reactor(reactor)
     return ExposrService(config, reactor, exit_status=getattr(options, "exit_status", None))

@@ -44,6 +44,7 @@ class ConfiguredService(service.MultiService):
         from exposr.server import ExposrService
 
         log.set_level(self.config.log_level)
+        log.set_format(self.config.log_format)
         log.use_reactor(reactor)
         self.server = ExposrService(self.config, reactor)
         self.server.setServiceParent(self)

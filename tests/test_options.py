@@ -567,7 +567,9 @@ class OtherOptionTests(TestCase, ErrorMixin):
         self.assertErrorStartsWith(
             "--log-level: invalid choice 'verbose'", "--log-level", "verbose"
         )
-        self.assertErrorStartsWith("--log-format: invalid choice 'text'", "--log-format", "text")
+        self.assertEqual(ok("--log-format", "text").log_format, "text")
+        self.assertEqual(ok(EXPOSR_LOG_FORMAT="text").log_format, "text")
+        self.assertErrorStartsWith("--log-format: invalid choice 'yaml'", "--log-format", "yaml")
 
     def test_cluster_key(self):
         self.assertEqual(ok("--cluster-key", "k").cluster_key, "k")
