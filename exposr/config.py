@@ -91,6 +91,9 @@ class Config:
     # Listen address for every TCP listener (beyond the original, which binds all).
     listen_address: str = ""
 
+    # Deprecated options in use, as (option or variable given, its replacement): warned at start.
+    deprecated: tuple = ()
+
     @property
     def http_ingress_enabled(self):
         return "http" in self.ingress

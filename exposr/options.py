@@ -550,10 +550,28 @@ def _read_check(name, path):
         raise ConfigError(f"--{name}: cannot read {path}: {e.strerror}") from None
 
 
+# deprecated option -> the options that replace it (named in a start-up warning)
+DEPRECATED = {
+    "ingress-http-domain": ("ingress-http-url",),
+    "redis-url": ("storage-url", "cluster-redis-url"),
+}
+
+
+def _replacement(label, names):
+    """The replacements of a deprecated option, spelled as ``label`` was (option or variable)."""
+    if label.startswith("--"):
+        return " and ".join("--" + name for name in names)
+    return " and ".join(ENV_PREFIX + name.upper().replace("-", "_") for name in names)
+
+
 def resolve(cli, environ):
     """Typed values of every option, then the two-phase rules (docs/protocol.rst, "Configuration")."""
     v = {opt.name: _default(opt) for opt in OPTIONS}
-    for name, (raw, label) in _given(cli, environ).items():
+    given = _given(cli, environ)
+    deprecated = tuple(
+        (given[name][1], _replacement(given[name][1], names)) for name, names in DEPRECATED.items() if name in given
+    )
+    for name, (raw, label) in given.items():
         opt = SPEC[name]
         try:
             value = raw if opt.convert is BOOL else opt.convert(raw)
@@ -602,4 +620,5 @@ def resolve(cli, environ):
                 raise ConfigError(f"--{name}: required when SNI ingress is enabled")
             _read_check(name, v[name])
 
-    return Config(**{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})
+    return Config(deprecated=deprecated,
+                  **{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})

@@ -105,6 +105,8 @@ class ExposrService(MultiService):
         )
         if config.allow_registration:
             log.warn("Public account registration is enabled (--allow-registration)")
+        for given, replacement in config.deprecated:
+            log.warn("{given} is deprecated, use {replacement}", given=given, replacement=replacement)
         await self.parts.storage.open()
         for hook in self.parts.start_hooks:
             await defer.maybeDeferred(hook)

@@ -195,3 +195,34 @@ class SummaryTests(unittest.TestCase):
             startup.summary(config, bound),
             "API and WebSocket transport http://[::1]:8080/ (port 8080), admin port 9000, admin API port 9001",
         )
+
+
+class StartupWarningTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def start_and_stop(self, *argv, **environ):
+        from exposr.options import parse_config
+        from exposr.server import ExposrService
+
+        events = []
+        observer = FilteringLogObserver(events.append, [LogLevelFilterPredicate(LogLevel.info)])
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        config = parse_config(["--api-port", "0", "--listen-address", "127.0.0.1", *argv], environ)
+        service = ExposrService(config, reactor)
+        service.startService()
+        yield e2e.within(service.when_started())
+        yield e2e.within(defer.maybeDeferred(service.stopService))
+        return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn
+                and e.get("log_namespace", "").startswith("exposr")]
+
+    @defer.inlineCallbacks
+    def test_deprecated_variable_warned_once_with_its_replacement(self):
+        warnings = yield self.start_and_stop(EXPOSR_INGRESS_HTTP_DOMAIN="http://x.test")
+        self.assertEqual(warnings, ["EXPOSR_INGRESS_HTTP_DOMAIN is deprecated, use EXPOSR_INGRESS_HTTP_URL"])
+
+    @defer.inlineCallbacks
+    def test_no_warning_without_deprecated_options(self):
+        warnings = yield self.start_and_stop("--ingress-http-url", "http://x.test")
+        self.assertEqual(warnings, [])

@@ -137,6 +137,7 @@ class EnvironmentTests(TestCase, ErrorMixin):
                 cluster="udp",
                 cluster_key="cluster-signing-key-change-me",
                 cluster_udp_discovery="kubernetes",
+                deprecated=(("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),),
             ),
         )
 
@@ -710,3 +711,19 @@ class ClusterOptionTests(TestCase, ErrorMixin):
             "--ingress-http-url", URL, EXPOSR_CLUSTER_DISCOVERY_WAIT="-1",
         )
 
+
+
+class DeprecatedOptionTests(TestCase):
+    def test_none_in_use(self):
+        self.assertEqual(ok().deprecated, ())
+
+    def test_each_deprecated_option_names_its_replacement(self):
+        self.assertEqual(parse("--ingress-http-domain", URL).deprecated,
+                         (("--ingress-http-domain", "--ingress-http-url"),))
+        self.assertEqual(parse(EXPOSR_INGRESS_HTTP_DOMAIN=URL).deprecated,
+                         (("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),))
+        self.assertEqual(ok("--redis-url", "redis://r").deprecated,
+                         (("--redis-url", "--storage-url and --cluster-redis-url"),))
+        self.assertEqual(ok(EXPOSR_REDIS_URL="redis://r", EXPOSR_INGRESS_HTTP_DOMAIN=URL).deprecated,
+                         (("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),
+                          ("EXPOSR_REDIS_URL", "EXPOSR_STORAGE_URL and EXPOSR_CLUSTER_REDIS_URL")))
