@@ -1,4 +1,8 @@
-"""What the server tells its operator at start-up, as text: the ready summary.
+"""Start-up of the process: the open files limit, and the ready summary.
+
+`raise_open_files_limit` is called by the entry points (`exposr.tap`,
+`exposr.tapfile`), which own the process; `log_open_files_limit` logs both
+values.
 
 `summary` names where each part listens once the listeners are bound: the
 API (and WebSocket transport), the HTTP ingress (its tunnel URLs), the SNI
@@ -52,3 +56,45 @@ def summary(config, bound, ssh_port=None):
     if "admin" in bound and config.admin_api_enable and "admin-api" not in bound:
         texts[-1] = f"admin and admin API port {bound['admin'][1]}"
     return ", ".join(texts)
+
+
+def raise_open_files_limit(getrlimit=None, setrlimit=None, nr_open="/proc/sys/fs/nr_open"):
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (before, after, hard).
+
+    Every tunnel stream and ingress connection is a file descriptor, and the
+    usual soft default (1024) is far below what one node serves. An unlimited
+    hard limit is capped at the kernel's ``nr_open``. ``after`` is ``before``
+    when the limit could not be raised.
+    """
+    import resource
+
+    getrlimit = getrlimit or resource.getrlimit
+    setrlimit = setrlimit or resource.setrlimit
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open(nr_open) as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft, hard
+        return soft, target, hard
+    return soft, soft, hard
+
+
+def log_open_files_limit(log, limits):
+    import resource
+
+    before, after, hard = limits
+    if hard == resource.RLIM_INFINITY:
+        hard = "unlimited"
+    if after != before:
+        log.info("Open files limit raised from {before} to {after} (hard limit {hard})",
+                 before=before, after=after, hard=hard)
+    else:
+        log.info("Open files limit {after} (hard limit {hard})", after=after, hard=hard)

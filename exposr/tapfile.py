@@ -40,11 +40,14 @@ class ConfiguredService(service.MultiService):
     def startService(self):
         from twisted.internet import reactor
 
-        from exposr import log
+        from twisted.logger import Logger
+
+        from exposr import log, startup
         from exposr.server import ExposrService
 
         log.set_level(self.config.log_level)
         log.set_format(self.config.log_format)
+        startup.log_open_files_limit(Logger(namespace="exposr.startup"), startup.raise_open_files_limit())
         log.use_reactor(reactor)
         self.server = ExposrService(self.config, reactor)
         self.server.setServiceParent(self)

@@ -226,3 +226,69 @@ class StartupWarningTests(unittest.TestCase):
     def test_no_warning_without_deprecated_options(self):
         warnings = yield self.start_and_stop("--ingress-http-url", "http://x.test")
         self.assertEqual(warnings, [])
+
+
+class OpenFilesLimitTests(unittest.TestCase):
+    def limits(self, soft, hard, fail=False, nr_open=None):
+        calls = []
+
+        def setrlimit(which, value):
+            if fail:
+                raise ValueError("not allowed")
+            calls.append(value)
+
+        path = self.mktemp()
+        if nr_open is not None:
+            with open(path, "w") as f:
+                f.write(f"{nr_open}\n")
+        result = startup.raise_open_files_limit(lambda which: (soft, hard), setrlimit, nr_open=path)
+        return result, calls
+
+    def test_raised_to_the_hard_limit(self):
+        self.assertEqual(self.limits(1024, 524288), ((1024, 524288, 524288), [(524288, 524288)]))
+
+    def test_already_at_the_hard_limit(self):
+        self.assertEqual(self.limits(4096, 4096), ((4096, 4096, 4096), []))
+
+    def test_unlimited_hard_limit_is_capped_at_nr_open(self):
+        import resource
+
+        inf = resource.RLIM_INFINITY
+        self.assertEqual(self.limits(1024, inf, nr_open=1048576), ((1024, 1048576, inf), [(1048576, inf)]))
+
+    def test_refused(self):
+        self.assertEqual(self.limits(1024, 4096, fail=True), ((1024, 1024, 4096), []))
+
+    def test_logged_with_both_values(self):
+        events = []
+        logger = Logger(namespace="exposr.startup", observer=events.append)
+        startup.log_open_files_limit(logger, (1024, 4096, 4096))
+        startup.log_open_files_limit(logger, (4096, 4096, 4096))
+        self.assertEqual([formatEvent(e) for e in events], [
+            "Open files limit raised from 1024 to 4096 (hard limit 4096)",
+            "Open files limit 4096 (hard limit 4096)",
+        ])
+
+    @defer.inlineCallbacks
+    def test_exposrd_raises_its_limit(self):
+        """A real process started with a low soft limit runs at the hard limit and says so."""
+        import resource
+        import signal
+
+        from tests import procs
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        low = min(soft, 256, hard)
+        script = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+                  "from exposr.script import main; main()" % (low, hard))
+        api = procs.free_port()
+        proto, transport = procs.spawn(["-c", script, "--api-port", str(api), "--listen-address", "127.0.0.1",
+                                        "--ingress-http-url", "http://x.test", "--log-format", "text"])
+        self.addCleanup(procs.stop, transport, signal.SIGKILL)
+        yield proto.wait_for(b"exposrd ready")
+        procs.stop(transport, signal.SIGTERM)
+        yield proto.ended.addTimeout(30, reactor)
+        if low < hard:
+            self.assertIn(f"Open files limit raised from {low} to ".encode(), proto.output)
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
+        self.assertIn(f"(hard limit {shown})".encode(), proto.output)
