@@ -11,7 +11,9 @@ leased once per process from the Redis at 127.0.0.1:6379:
   a thread renews the lease every 15 s while the process lives, and it is
   released at exit (only if still ours), or expires 60 s after a crash.
 
-``EXPOSR_TEST_REDIS_DB`` forces a database (nothing is leased). Without a
+``EXPOSR_TEST_REDIS_DB`` forces a database (nothing is leased);
+``EXPOSR_TEST_REDIS_DBS`` (e.g. ``3,4,12-15``) narrows the databases a lease may
+take, to leave out those that something else on this Redis flushes. Without a
 reachable Redis, db 9 is used and the Redis tests fail on their own.
 """
 
@@ -23,7 +25,18 @@ import time
 import uuid
 
 HOST, PORT = "127.0.0.1", 6379
-DATABASES = range(1, 16)
+
+
+def parse_databases(text):
+    """``"3,4,12-15"`` -> (3, 4, 12, 13, 14, 15)."""
+    dbs = []
+    for item in text.split(","):
+        first, _, last = item.strip().partition("-")
+        dbs += range(int(first), int(last or first) + 1)
+    return tuple(dict.fromkeys(dbs))
+
+
+DATABASES = parse_databases(os.environ.get("EXPOSR_TEST_REDIS_DBS") or "1-15")
 LEASE_SECONDS = 60
 RENEW_SECONDS = 15
 WAIT_SECONDS = 120  # for a free database, when every one is leased
@@ -92,7 +105,7 @@ def lease(connect=_Redis, token=None, wait=WAIT_SECONDS, sleep=time.sleep):
                 if redis("SET", lock_key(db), token, "NX", "EX", LEASE_SECONDS) == "OK":
                     return db, token
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"no free Redis test database among {DATABASES.start}-{DATABASES.stop - 1}")
+                raise RuntimeError(f"no free Redis test database among {','.join(map(str, DATABASES))}")
             sleep(1)
     finally:
         redis.close()

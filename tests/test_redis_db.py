@@ -40,6 +40,7 @@ class LeaseTests(unittest.TestCase):
     def setUp(self):
         self.data = {}
         self.connect = lambda: _FakeRedis(self.data)
+        self.patch(redis_db, "DATABASES", tuple(range(1, 16)))
 
     def test_concurrent_leases_get_different_databases(self):
         leases = [redis_db.lease(self.connect, token=f"run{i}", wait=0) for i in range(15)]
@@ -61,6 +62,12 @@ class LeaseTests(unittest.TestCase):
         self.assertNotIn(redis_db.lock_key(db), self.data)
         self.assertFalse(redis_db.renew(db, "mine", self.connect))
         self.assertIn(redis_db.lease(self.connect, token="next", wait=0)[0], range(1, 16))
+
+
+class DatabasesTests(unittest.TestCase):
+    def test_parse(self):
+        self.assertEqual(redis_db.parse_databases("1-15"), tuple(range(1, 16)))
+        self.assertEqual(redis_db.parse_databases("3, 4,12-14,4"), (3, 4, 12, 13, 14))
 
 
 class RealRedisTests(unittest.TestCase):
