@@ -30,7 +30,7 @@ class Config:
     # Ingress
     ingress: tuple = ("http",)
     ingress_http_url: str | None = None
-    ingress_http_port: int = 8080
+    ingress_http_port: int = 8080  # the option parser defaults it to api_port
     ingress_http_agent_idle_timeout: float = 60.0
     # Time limits of public HTTP reads (beyond the original; docs/reliability.rst).
     # A request head (front door, ingress, API) must be complete within
@@ -109,6 +109,9 @@ class Config:
     listen_address: str = ""
     shutdown_grace: float = 5.0  # seconds still served after SIGTERM, readiness off
     shutdown_drain_timeout: float = 30.0  # seconds in-flight requests may take to finish
+
+    # Deprecated options in use, as (option or variable given, its replacement): warned at start.
+    deprecated: tuple = ()
 
     @property
     def http_ingress_enabled(self):

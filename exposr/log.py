@@ -1,6 +1,11 @@
-"""Logging: one JSON object per line on stdout, filtered by `--log-level`.
+"""Logging: one record per line on stdout, filtered by `--log-level`.
 
-Records look like the original's: ``timestamp``, ``level`` (upper case),
+``--log-format json`` (the default) writes one JSON object per line;
+``--log-format text`` writes the same record for a terminal reader:
+``<timestamp> <LEVEL> <logger>: <message> key=value ...`` (a traceback
+follows on its own lines).
+
+JSON records look like the original's: ``timestamp``, ``level`` (upper case),
 ``logger`` (the component), ``pid``, ``host`` and ``data`` (an object; a plain
 message is wrapped as ``{"message": ...}``). Extra keys of a log call that are
 JSON-able and do not start with ``log_`` go into ``data``.
@@ -9,9 +14,13 @@ Nothing logged may carry a secret: callers pass tunnel ids, never account
 numbers, tokens or keys.
 
 `observer` is the factory that `twistd --logger exposr.log.observer` (and the
-``exposrd`` command) installs; `set_level` and `use_reactor` are called by the
-service maker (the entry point, which knows the reactor) once the options are
-known. Until a reactor is given, every line is written at once.
+``exposrd`` command) installs; `set_level`, `set_format` and `use_reactor` are
+called by the service maker (the entry point, which knows the reactor) once
+the options are known. Until a reactor is given, every line is written at once.
+
+Twisted's own chatter is logged at debug level, not info: the lines of its
+legacy logging API at info level ("Door starting on 8080", "(TCP Port 8080
+Closed)") and factories' "Starting factory" / "Stopping factory".
 
 Access records (`AccessLog`, one per proxied request) are the hot case: once
 `observer` has installed the process's JSON output, they are written to it as
@@ -28,6 +37,7 @@ import datetime
 import json
 import os
 import socket
+import string
 import sys
 import threading
 import time
@@ -60,8 +70,11 @@ _NAMES = {
     LogLevel.critical: "FATAL",
 }
 
+FORMATS = ("json", "text")
+
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _off = False
+_text = False  # --log-format text (`set_format`)
 _sink = None  # the JSONLineObserver installed by `observer`, for access records
 _reactor = None  # the reactor given by the entry point (`use_reactor`)
 _info_on = {}  # namespace -> whether info passes `_predicate` (reset by set_level)
@@ -74,6 +87,14 @@ def set_level(name):
     _off = name == "off"
     _predicate.setLogLevelForNamespace(None, LEVELS.get(name, LogLevel.info))
     _info_on.clear()
+
+
+def set_format(name):
+    """Apply a `--log-format` choice (json, text) to every output made by `observer`."""
+    global _text
+    if name not in FORMATS:
+        raise ValueError(f"unknown log format {name!r}")
+    _text = name == "text"
 
 
 def use_reactor(reactor):
@@ -127,8 +148,52 @@ def event_as_record(event, host=socket.gethostname(), pid=os.getpid()):
     }
 
 
+def _named_fields(log_format):
+    """The names a format string uses ("Tunnel {tunnel_id} connected" -> {"tunnel_id"})."""
+    try:
+        return {name.split(".")[0].split("[")[0]
+                for _, name, _, _ in string.Formatter().parse(log_format) if name}
+    except ValueError:
+        return set()
+
+
+def _text_value(value):
+    if isinstance(value, str) and value and not any(c.isspace() or c in "\"=" for c in value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def record_as_text(record, named=()):
+    """One record (`event_as_record`) as text: the message, then the data it does not name."""
+    data = record["data"]
+    parts = [record["timestamp"], f"{record['level']:<5}", record["logger"] + ":", data.get("message", "")]
+    parts += [f"{key}={_text_value(value)}" for key, value in data.items()
+              if key not in ("message", "stack") and key not in named]
+    line = " ".join(part for part in parts if part != "")
+    stack = data.get("stack")
+    return line + "\n" + stack.rstrip("\n") if stack else line
+
+
+def _quiet_chatter(observer):
+    """Pass events on, Twisted's info chatter (see the module docstring) as debug."""
+
+    def observe(event):
+        if event.get("log_level") == LogLevel.info and (
+            event.get("log_format") in _CHATTER
+            or (event.get("log_namespace") == "log_legacy" and not event.get("isError"))
+        ):
+            event = dict(event, log_level=LogLevel.debug)
+        observer(event)
+
+    return observe
+
+
+_CHATTER = frozenset(("Starting factory {factory!r}", "Stopping factory {factory!r}"))
+
+
 class JSONLineObserver:
-    """Writes records as JSON lines: the lines of one reactor turn with one write.
+    """Writes records as lines (JSON, or text after ``set_format("text")``): the
+    lines of one reactor turn with one write.
 
     The lines are kept here, not in the stream's buffer: with
     ``PYTHONUNBUFFERED=1`` (usual in containers, set in the Docker image)
@@ -158,7 +223,11 @@ class JSONLineObserver:
         if _off:
             return
         try:
-            line = json.dumps(event_as_record(event), separators=(",", ":"), ensure_ascii=False)
+            record = event_as_record(event)
+            if _text:
+                line = record_as_text(record, _named_fields(event.get("log_format") or ""))
+            else:
+                line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
         except Exception as e:  # never let logging break the server
             line = json.dumps({"level": "ERROR", "data": {"message": f"unloggable event: {e!r}"}})
         self.write_line(line)
@@ -202,13 +271,13 @@ def access_writer():
 
 
 def observer(out=None):
-    """The `twistd --logger` factory: JSON lines on stdout, level-filtered.
+    """The `twistd --logger` factory: lines on stdout, level-filtered, chatter as debug.
 
-    The JSON output it makes also becomes the one `AccessLog` writes to.
+    The output it makes also becomes the one `AccessLog` writes to.
     """
     global _sink
     _sink = JSONLineObserver(out or sys.stdout, _reactor)
-    return FilteringLogObserver(_sink, [_predicate])
+    return _quiet_chatter(FilteringLogObserver(_sink, [_predicate]))
 
 
 class AccessLog:
@@ -252,6 +321,9 @@ class AccessLog:
         if _off or not self._enabled():
             return
         now = time.time()
+        if _text:
+            sink.write_line(self._text_line(now, method, path, status, tunnel, client, nbytes, duration_ms))
+            return
         second = int(now)
         if second != self._second:
             self._second = second
@@ -266,3 +338,13 @@ class AccessLog:
             ',"client":', "null" if client is None else _quote(client),
             ',"bytes":', str(nbytes), ',"duration_ms":', repr(duration_ms), "}}",
         )))
+
+    def _text_line(self, now, method, path, status, tunnel, client, nbytes, duration_ms):
+        ts = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        record = {
+            "timestamp": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z",
+            "level": "INFO", "logger": self.namespace,
+            "data": {"message": f"{method} {path} {status}", "tunnel": tunnel, "client": client,
+                     "bytes": nbytes, "duration_ms": duration_ms},
+        }
+        return record_as_text(record)

@@ -236,9 +236,9 @@ class Opt:
     convert: object  # text -> value; BOOL for booleans
     doc: str
     default: object = FROM_CONFIG
-    hidden: bool = False
     short: str | None = None
     multi: bool = False
+    group: str | None = None  # heading in --help; None: from the name (see `group_of`)
 
     @property
     def field(self):
@@ -261,9 +261,11 @@ OPTIONS = (
     O("ingress-http-url", _url("http", "https"),
       "Base URL of the HTTP ingress (https://tun.example.com gives https://<id>.tun.example.com/);"
       " required when HTTP ingress is enabled."),
-    O("ingress-http-port", _port, "Port of the HTTP ingress.", hidden=True),
+    O("ingress-http-port", _port,
+      "Port of the HTTP ingress; the same as --api-port shares that port. [default: --api-port]",
+      default=None),
     O("ingress-http-agent-idle-timeout", _seconds,
-      "Idle timeout (seconds) of upstream keep-alive pools.", hidden=True),
+      "Idle timeout (seconds) of upstream keep-alive pools."),
     O("ingress-http-tunnel-idle-timeout", _positive_seconds,
       "Seconds an upgraded HTTP ingress connection (WebSocket, CONNECT) may pass no byte either way (300)."),
     O("http-head-timeout", _positive_seconds,
@@ -278,7 +280,7 @@ OPTIONS = (
     O("ingress-http-trusted-proxies", _cidrs,
       "Comma list of CIDRs whose X-Forwarded-For/Forwarded is believed ('none': nobody)."),
     O("ingress-sni-port", _port, "Port of the SNI (TLS) ingress."),
-    O("ingress-sni-host", _text, "host[:port] advertised for SNI ingress.", hidden=True),
+    O("ingress-sni-host", _text, "host[:port] advertised for SNI ingress."),
     O("ingress-sni-cert", _text, "PEM certificate file; required with SNI ingress."),
     O("ingress-sni-key", _text, "PEM private key file; required with SNI ingress."),
     # Transport
@@ -286,12 +288,11 @@ OPTIONS = (
     O("transport-max-connections", _positive_int,
       "Maximum client connections per tunnel (cluster-wide)."),
     O("transport-ssh-port", _port, "Port of the SSH transport."),
-    O("transport-ssh-host", _ssh_host, "host[:port] advertised in SSH URLs.", hidden=True),
+    O("transport-ssh-host", _ssh_host, "host[:port] advertised in SSH URLs."),
     O("transport-ssh-key", _ssh_key,
-      "SSH host key: OpenSSH PEM text, base64 of it, or a file path (default: generated).",
-      hidden=True),
+      "SSH host key: OpenSSH PEM text, base64 of it, or a file path (default: generated)."),
     O("transport-ssh-allow-insecure-target", BOOL,
-      "Do not verify TLS targets of SSH tunnels.", hidden=True),
+      "Do not verify TLS targets of SSH tunnels."),
     # Admin
     O("admin-enable", BOOL, "Enable the admin interface (/ping, /health)."),
     O("admin-port", _port, "Port of the admin interface."),
@@ -299,7 +300,7 @@ OPTIONS = (
     O("admin-api-port", _port, "Port of the admin API."),
     O("admin-api-key", _text, "Key of the admin API."),
     O("admin-api-allow-access-without-key", BOOL,
-      "Open the admin API to anyone when no key is set.", hidden=True),
+      "Open the admin API to anyone when no key is set."),
     # API
     O("api-url", _url("http", "https"), "Only serve the API on this URL's host."),
     O("api-port", _port, "Port of the public API and WS transport.", short="p"),
@@ -312,38 +313,38 @@ OPTIONS = (
       "UDP peer discovery: auto, multicast, kubernetes."),
     O("cluster-udp-port", _port, "UDP port of the cluster bus."),
     O("cluster-udp-discovery-multicast-group", _multicast_group,
-      "Multicast group (within 239.0.0.0/8).", hidden=True),
+      "Multicast group (within 239.0.0.0/8)."),
     O("cluster-udp-discovery-multicast-ttl", _ttl,
-      "TTL of multicast datagrams (0: this host only, 1: one subnet).", hidden=True),
+      "TTL of multicast datagrams (0: this host only, 1: one subnet)."),
     O("cluster-udp-discovery-kubernetes-service", _text,
-      "Headless service name.", hidden=True),
-    O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace.", hidden=True),
+      "Headless service name."),
+    O("cluster-udp-discovery-kubernetes-namespace", _text, "Namespace."),
     O("cluster-udp-discovery-kubernetes-service-env", _text,
-      "Env var holding the service name.", hidden=True),
+      "Env var holding the service name."),
     O("cluster-udp-discovery-kubernetes-namespace-env", _text,
-      "Env var holding the namespace.", hidden=True),
+      "Env var holding the namespace."),
     O("cluster-udp-discovery-kubernetes-cluster-domain", _text,
-      "Kubernetes cluster domain.", hidden=True),
+      "Kubernetes cluster domain."),
     O("cluster-udp-discovery-kubernetes-namespace-file", _text,
-      "File whose presence makes Kubernetes discovery eligible.", hidden=True),
+      "File whose presence makes Kubernetes discovery eligible."),
     O("cluster-redis-url", _url("redis", "rediss"),
       "Redis URL of the cluster bus; required with --cluster redis."),
     O("cluster-node-ip", _ip, "IP address this node advertises (default: automatic)."),
     O("cluster-redis-channel", _text,
-      "Redis pub/sub channel of the cluster bus (every node the same).", hidden=True),
+      "Redis pub/sub channel of the cluster bus (every node the same)."),
     O("cluster-discovery-wait", _seconds,
-      "Seconds a multi-node server waits for peers before it is ready (20).", default=None, hidden=True),
+      "Seconds a multi-node server waits for peers before it is ready (20).", default=None),
     # Storage
     O("storage-url", _storage_url, "Storage: memory://, sqlite://, postgres://, redis://."),
     O("storage-timeout", _seconds,
       "Seconds a storage call may take (waits included) before it is answered as unavailable."),
     O("storage-pgsql-connection-pool-size", _positive_int,
-      "PostgreSQL connection pool size.", hidden=True),
+      "PostgreSQL connection pool size."),
     # Deprecated
     O("redis-url", _url("redis", "rediss"),
-      "Deprecated: Redis for storage and cluster.", default=None, hidden=True),
+      "Deprecated: Redis for storage and cluster.", default=None, group="Deprecated"),
     O("ingress-http-domain", _url("http", "https"),
-      "Deprecated: same as --ingress-http-url.", default=None, hidden=True),
+      "Deprecated: same as --ingress-http-url.", default=None, group="Deprecated"),
     # Misc
     O("dns-server", _dns_server,
       "ip[:port] of the DNS server used to verify alt names and for Kubernetes peer discovery."),
@@ -354,7 +355,8 @@ OPTIONS = (
       "Seconds in-flight requests and streams may take to finish at shutdown (30)."),
     O("log-level", _choice("all", "trace", "debug", "info", "warn", "error", "fatal", "off"),
       "Log level: all, trace, debug, info, warn, error, fatal, off."),
-    O("log-format", _choice("json"), "Log format: json.", hidden=True),
+    O("log-format", _choice("json", "text"),
+      "Log format: json (one object per line) or text (for a terminal)."),
 )
 del O
 SPEC = {opt.name: opt for opt in OPTIONS}
@@ -364,6 +366,77 @@ def _show(value):
     if isinstance(value, tuple):
         value = ",".join(value)
     return value if value != "" else None
+
+
+# -- --help: every option, grouped, at most HELP_WIDTH columns -------------------
+
+HELP_WIDTH = 100
+GROUPS = ("Ingress", "Transports", "API", "Admin", "Cluster", "Storage", "Logging", "Misc",
+          "Deprecated")
+_PREFIX_GROUPS = (
+    ("ingress", "Ingress"), ("transport", "Transports"), ("api-", "API"),
+    ("allow-registration", "API"), ("admin", "Admin"), ("cluster", "Cluster"),
+    ("storage", "Storage"), ("log-", "Logging"),
+)
+_METAVARS = {
+    "_port": "PORT", "_positive_int": "N", "_seconds": "SECONDS", "_text": "TEXT",
+    "_choice": "CHOICE", "_choices": "LIST", "_url": "URL", "_storage_url": "URL", "_ip": "IP",
+    "_cidrs": "CIDRS", "_ssh_host": "HOST[:PORT]", "_dns_server": "IP[:PORT]",
+    "_multicast_group": "IP", "_ssh_key": "KEY",
+}
+
+
+def group_of(opt):
+    """The --help heading of an option: its own, else by name prefix, else Misc."""
+    if opt.group:
+        return opt.group
+    for prefix, group in _PREFIX_GROUPS:
+        if opt.name.startswith(prefix):
+            return group
+    return "Misc"
+
+
+def _metavar(opt):
+    return _METAVARS.get(opt.convert.__qualname__.split(".")[0], "VALUE")
+
+
+def _help_entry(names, doc, width, column=36):
+    """Lines of one entry: names, then the doc wrapped beside them (or below, if too long)."""
+    import textwrap
+
+    text = textwrap.wrap(doc, width - column) or [""]
+    head = "  " + names
+    if len(head) + 2 <= column:
+        return [(head.ljust(column) + text[0]).rstrip()] + [" " * column + t for t in text[1:]]
+    return [head] + [" " * column + t for t in text]
+
+
+def help_text(width=HELP_WIDTH):
+    """Every option, under its group's heading, in table order (``--help`` without the usage line)."""
+    import textwrap
+
+    lines = [""] + textwrap.wrap(Options.longdesc, width)
+    for group in GROUPS + ("Help",):
+        entries = [opt for opt in OPTIONS if group_of(opt) == group]
+        if not entries and group != "Help":
+            continue
+        lines += ["", f"{group}:"]
+        for opt in entries:
+            short = f"-{opt.short}, " if opt.short else "    "
+            if opt.convert is BOOL:
+                names = f"{short}--{opt.name}"
+                shown = "true" if _default(opt) else None
+            else:
+                names = f"{short}--{opt.name}={_metavar(opt)}"
+                default = _default(opt)
+                shown = ", ".join(default) if isinstance(default, tuple) else _show(default)
+            doc = opt.doc + (f" [default: {shown}]" if shown else "")
+            lines += _help_entry(names, doc, width)
+        if group == "Help":
+            lines += _help_entry("-h, --help", "Display this help and exit.", width)
+            lines += _help_entry("    --version", "Display the version and exit.", width)
+            lines += _help_entry("    --show-hidden", "Accepted for compatibility (every option is listed).", width)
+    return "\n".join(lines) + "\n"
 
 
 # -- argv normalisation --------------------------------------------------------
@@ -417,7 +490,7 @@ class Options(usage.Options):
         "'true' is true. --ingress and --transport take several values, repeated or "
         "comma separated. An empty value means 'not set'."
     )
-    optFlags = [["show-hidden", None, "With --help: also list hidden options."]]
+    optFlags = [["show-hidden", None, "Accepted for compatibility (every option is listed)."]]
     for _o in OPTIONS:
         if _o.convert is BOOL:
             optFlags += [[_o.name, None, _o.doc], ["no-" + _o.name, None, None]]
@@ -431,7 +504,6 @@ class Options(usage.Options):
         self.environ = os.environ if environ is None else environ
         self.config = None
         self._cli = {}
-        self._show_hidden = False
         for opt in OPTIONS:
             if opt.convert is not BOOL:
                 self._dispatch[opt.name] = self._record
@@ -457,26 +529,20 @@ class Options(usage.Options):
     def parseOptions(self, options=None):
         if options is None:
             options = sys.argv[1:]
-        self._show_hidden = "--show-hidden" in options
         super().parseOptions(_normalise(options))
 
     def parseArgs(self, *args):
         if args:
             raise ConfigError(f"unexpected argument {args[0]!r}")
 
-    def getUsage(self, width=None):
-        def shown(long):
-            opt = SPEC.get(long.rstrip("="))
-            if long.startswith("no-") and long[3:] in SPEC:
-                return False
-            return opt is None or self._show_hidden or not opt.hidden
+    def getSynopsis(self):
+        if self.parent is None:
+            return "Usage: exposrd [options]"
+        return super().getSynopsis()
 
-        full = self.longOpt
-        self.longOpt = [long for long in full if shown(long)]
-        try:
-            return super().getUsage(width)
-        finally:
-            self.longOpt = full
+    def getUsage(self, width=None):
+        """Every option, grouped (--show-hidden is accepted and changes nothing)."""
+        return help_text(min(width or HELP_WIDTH, HELP_WIDTH))
 
     def postOptions(self):
         self.config = resolve(self._cli, self.environ)
@@ -524,10 +590,28 @@ def _read_check(name, path):
         raise ConfigError(f"--{name}: cannot read {path}: {e.strerror}") from None
 
 
+# deprecated option -> the options that replace it (named in a start-up warning)
+DEPRECATED = {
+    "ingress-http-domain": ("ingress-http-url",),
+    "redis-url": ("storage-url", "cluster-redis-url"),
+}
+
+
+def _replacement(label, names):
+    """The replacements of a deprecated option, spelled as ``label`` was (option or variable)."""
+    if label.startswith("--"):
+        return " and ".join("--" + name for name in names)
+    return " and ".join(ENV_PREFIX + name.upper().replace("-", "_") for name in names)
+
+
 def resolve(cli, environ):
     """Typed values of every option, then the two-phase rules (docs/protocol.rst, "Configuration")."""
     v = {opt.name: _default(opt) for opt in OPTIONS}
-    for name, (raw, label) in _given(cli, environ).items():
+    given = _given(cli, environ)
+    deprecated = tuple(
+        (given[name][1], _replacement(given[name][1], names)) for name, names in DEPRECATED.items() if name in given
+    )
+    for name, (raw, label) in given.items():
         opt = SPEC[name]
         try:
             value = raw if opt.convert is BOOL else opt.convert(raw)
@@ -537,6 +621,8 @@ def resolve(cli, environ):
             continue  # only empty elements: not set
         v[name] = value
 
+    if v["ingress-http-port"] is None:  # -p moves the whole shared port
+        v["ingress-http-port"] = v["api-port"]
     if not v["admin-api-key"]:
         v["admin-api-key"] = None
     if v["ingress-http-url"] is None:
@@ -578,5 +664,5 @@ def resolve(cli, environ):
                 raise ConfigError(f"--{name}: required when SNI ingress is enabled")
             _read_check(name, v[name])
 
-    return Config(cluster_why=cluster_why,
+    return Config(cluster_why=cluster_why, deprecated=deprecated,
                   **{opt.field: v[opt.name] for opt in OPTIONS if opt.field in _CONFIG_FIELDS})

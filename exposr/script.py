@@ -25,12 +25,12 @@ def main(argv=None):
         return sys.exit(selftest.run())
     from exposr import options, server
 
-    if not ({"-h", "--help", "--version", "--show-hidden"} & set(args)):
-        try:
-            options.Options().parseOptions(args)
-        except usage.UsageError as e:
-            print(f"exposrd: {e}", file=sys.stderr)
-            return sys.exit(2)
+    # (--help and --version print and exit here: "Usage: exposrd", not twistd's usage line)
+    try:
+        options.Options().parseOptions(args)
+    except usage.UsageError as e:
+        print(f"exposrd: {e}", file=sys.stderr)
+        return sys.exit(2)
 
     from twisted.scripts import twistd
 

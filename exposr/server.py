@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from exposr import __version__
+from exposr import __version__, startup
 from exposr.compat.twisted import clear_exit_signal
 from exposr.node import Node
 from exposr.readiness import Readiness
@@ -106,6 +106,7 @@ class ExposrService(MultiService):
         for child in self.parts.services:
             child.setServiceParent(self)
         self._started = None
+        self._start_failure = None
 
     # -- the parts, by name (for tests and tools) ----------------------------
 
@@ -129,7 +130,7 @@ class ExposrService(MultiService):
     def when_started(self):
         """A Deferred that fires once the server is ready (for tests)."""
         d = defer.Deferred()
-        self._started.addBoth(lambda r: (d.callback(r), r)[1])
+        self._started.addCallback(lambda r: (d.callback(self._start_failure or r), r)[1])
         return d
 
     async def _start(self):
@@ -144,6 +145,8 @@ class ExposrService(MultiService):
         )
         if config.allow_registration:
             log.warn("Public account registration is enabled (--allow-registration)")
+        for given, replacement in config.deprecated:
+            log.warn("{given} is deprecated, use {replacement}", given=given, replacement=replacement)
         await self.parts.storage.open()
         for hook in self.parts.start_hooks:
             await defer.maybeDeferred(hook)
@@ -155,8 +158,14 @@ class ExposrService(MultiService):
             await defer.maybeDeferred(hook)
         self.readiness.started = True
         self.readiness.ready = True
-        log.info("exposrd ready")
+        log.info("exposrd ready: {summary}", summary=self._summary())
         return self
+
+    def _summary(self):
+        bound = {name: (listener.address.host, listener.address.port)
+                 for name, listener in self.parts.listeners.items() if listener.address is not None}
+        ssh = self.parts.ssh
+        return startup.summary(self.config, bound, ssh.port if ssh is not None else None)
 
     def _failed(self, failure):
         self.exit_status.code = 255
@@ -165,7 +174,8 @@ class ExposrService(MultiService):
         if not self.exit_status.caller_exits:
             self.reactor.addSystemEventTrigger("after", "shutdown", _exit_now, 255)
         self.reactor.callWhenRunning(self.reactor.stop)
-        return failure
+        # handled (logged above): kept for `when_started`, never an "Unhandled error in Deferred"
+        self._start_failure = failure
 
     @defer.inlineCallbacks
     def stopService(self):

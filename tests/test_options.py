@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from exposr import __version__
 from exposr.config import DEFAULT_TRUSTED_PROXIES, Config
-from exposr.options import ConfigError, Options, parse_config
+from exposr.options import OPTIONS, ConfigError, Options, parse_config
 
 URL = "https://tun.example.com"
 KEY = (
@@ -137,6 +137,7 @@ class EnvironmentTests(TestCase, ErrorMixin):
                 cluster="udp",
                 cluster_key="cluster-signing-key-change-me",
                 cluster_udp_discovery="kubernetes",
+                deprecated=(("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),),
             ),
         )
 
@@ -255,6 +256,32 @@ class NumberTests(TestCase, ErrorMixin):
     def test_short_api_port(self):
         self.assertEqual(ok("-p", "9000").api_port, 9000)
         self.assertEqual(ok("-p9000").api_port, 9000)
+
+    def test_api_port_moves_the_http_ingress(self):
+        """The ingress shares the API port unless its own port is given (option or variable)."""
+        self.assertEqual((ok().api_port, ok().ingress_http_port), (8080, 8080))
+        for config in (ok("-p", "18080"), ok("--api-port", "18080"), ok(EXPOSR_API_PORT="18080")):
+            self.assertEqual((config.api_port, config.ingress_http_port), (18080, 18080))
+        config = ok("--api-port", "18080", "--ingress-http-port", "8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 8000))
+        config = ok("--api-port", "18080", EXPOSR_INGRESS_HTTP_PORT="8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 8000))
+        config = ok("--ingress-http-port", "9000", EXPOSR_API_PORT="18080", EXPOSR_INGRESS_HTTP_PORT="8000")
+        self.assertEqual((config.api_port, config.ingress_http_port), (18080, 9000))
+
+    def test_api_port_alone_gives_one_shared_listener(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from exposr.node import Node
+        from exposr.server import ExposrService
+
+        def listeners(*argv):
+            server = ExposrService(ok(*argv), MemoryReactorClock(), node=Node(id="a" * 40, host="1@t", ip="10.0.0.1"))
+            return {name: listener.endpoint._port for name, listener in server.listeners.items()}
+
+        self.assertEqual(listeners("--api-port", "18080"), {"api": 18080})
+        self.assertEqual(listeners("--api-port", "18080", "--ingress-http-port", "8000"),
+                         {"api": 18080, "ingress-http": 8000})
 
     def test_every_port(self):
         names = [
@@ -555,7 +582,9 @@ class OtherOptionTests(TestCase, ErrorMixin):
         self.assertErrorStartsWith(
             "--log-level: invalid choice 'verbose'", "--log-level", "verbose"
         )
-        self.assertErrorStartsWith("--log-format: invalid choice 'text'", "--log-format", "text")
+        self.assertEqual(ok("--log-format", "text").log_format, "text")
+        self.assertEqual(ok(EXPOSR_LOG_FORMAT="text").log_format, "text")
+        self.assertErrorStartsWith("--log-format: invalid choice 'yaml'", "--log-format", "yaml")
 
     def test_cluster_key(self):
         self.assertEqual(ok("--cluster-key", "k").cluster_key, "k")
@@ -582,22 +611,62 @@ class CommandLineTests(TestCase, ErrorMixin):
         code, out = self.run_exiting("--version")
         self.assertEqual((code, out), (0, f"version: {__version__} (pkg {__version__})\n"))
 
-    def test_help_lists_options(self):
+    def test_help_lists_every_option(self):
         code, out = self.run_exiting("--help")
         self.assertEqual(code, 0)
-        for name in ("--ingress-http-url=", "--admin-enable", "-p, --api-port=", "--version"):
-            self.assertIn(name, out)
-        for name in ("--no-admin-enable", "--transport-ssh-key", "--redis-url"):
-            self.assertNotIn(name, out)
-
-    def test_help_show_hidden(self):
-        code, out = self.run_exiting("--help", "--show-hidden")
-        self.assertEqual(code, 0)
-        for name in (
-            "--transport-ssh-key=", "--redis-url=", "--ingress-http-domain=", "--log-format="
-        ):
+        self.assertTrue(out.startswith("Usage: exposrd [options]\n"), out[:80])
+        for opt in OPTIONS:
+            self.assertIn(f"--{opt.name}", out)
+        for name in ("--ingress-http-url=URL", "--admin-enable ", "-p, --api-port=PORT", "--version",
+                     "--transport-ssh-key=KEY", "--redis-url=URL", "--help"):
             self.assertIn(name, out)
         self.assertNotIn("--no-admin-enable", out)
+
+    def test_help_is_grouped(self):
+        code, out = self.run_exiting("--help")
+        lines = out.splitlines()
+        headings = [line for line in lines if line.endswith(":") and not line.startswith(" ")]
+        self.assertEqual(headings, ["Ingress:", "Transports:", "API:", "Admin:", "Cluster:", "Storage:",
+                                    "Logging:", "Misc:", "Deprecated:", "Help:"])
+
+        def section(heading):
+            start = lines.index(heading) + 1
+            end = lines.index("", start) if "" in lines[start:] else len(lines)
+            return "\n".join(lines[start:end])
+
+        self.assertIn("--ingress-sni-cert=", section("Ingress:"))
+        self.assertIn("--transport-ssh-port=", section("Transports:"))
+        self.assertIn("--allow-registration", section("API:"))
+        self.assertIn("--admin-api-key=", section("Admin:"))
+        self.assertIn("--cluster-discovery-wait=", section("Cluster:"))
+        self.assertIn("--storage-pgsql-connection-pool-size=", section("Storage:"))
+        self.assertIn("--log-level=", section("Logging:"))
+        self.assertIn("--dns-server=", section("Misc:"))
+        deprecated = section("Deprecated:")
+        self.assertIn("--redis-url=", deprecated)
+        self.assertIn("--ingress-http-domain=", deprecated)
+        self.assertNotIn("--redis-url=", section("Storage:"))
+
+    def test_help_fits_100_columns(self):
+        code, out = self.run_exiting("--help")
+        self.assertEqual([line for line in out.splitlines() if len(line) > 100], [])
+        self.assertGreater(len(out.splitlines()), len(OPTIONS))
+
+    def test_show_hidden_is_accepted_and_changes_nothing(self):
+        _, plain = self.run_exiting("--help")
+        code, out = self.run_exiting("--help", "--show-hidden")
+        self.assertEqual((code, out), (0, plain))
+        self.assertEqual(ok("--show-hidden").api_port, 8080)
+
+    def test_exposrd_help_names_the_command(self):
+        from exposr import script
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        e = self.assertRaises(SystemExit, script.main, ["--help"])
+        self.assertEqual(e.code, 0)
+        self.assertTrue(out.getvalue().startswith("Usage: exposrd [options]\n"), out.getvalue()[:80])
+        self.assertIn("--cluster-redis-channel=", out.getvalue())
 
     def test_as_twistd_subcommand(self):
         """twistd hands the arguments after `exposrd` to a fresh Options."""
@@ -656,15 +725,19 @@ class ClusterOptionTests(TestCase, ErrorMixin):
             "--ingress-http-url", URL, EXPOSR_CLUSTER_DISCOVERY_WAIT="-1",
         )
 
-    def test_hidden_from_help(self):
-        def help_text(*argv):
-            out = io.StringIO()
-            self.patch(sys, "stdout", out)
-            self.assertRaises(SystemExit, Options(environ={}).parseOptions, list(argv))
-            return out.getvalue()
 
-        plain = help_text("--help")
-        self.assertIn("--cluster-redis-url=", plain)
-        for name in ("--cluster-redis-channel", "--cluster-discovery-wait"):
-            self.assertNotIn(name, plain)
-            self.assertIn(name + "=", help_text("--help", "--show-hidden"))
+
+class DeprecatedOptionTests(TestCase):
+    def test_none_in_use(self):
+        self.assertEqual(ok().deprecated, ())
+
+    def test_each_deprecated_option_names_its_replacement(self):
+        self.assertEqual(parse("--ingress-http-domain", URL).deprecated,
+                         (("--ingress-http-domain", "--ingress-http-url"),))
+        self.assertEqual(parse(EXPOSR_INGRESS_HTTP_DOMAIN=URL).deprecated,
+                         (("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),))
+        self.assertEqual(ok("--redis-url", "redis://r").deprecated,
+                         (("--redis-url", "--storage-url and --cluster-redis-url"),))
+        self.assertEqual(ok(EXPOSR_REDIS_URL="redis://r", EXPOSR_INGRESS_HTTP_DOMAIN=URL).deprecated,
+                         (("EXPOSR_INGRESS_HTTP_DOMAIN", "EXPOSR_INGRESS_HTTP_URL"),
+                          ("EXPOSR_REDIS_URL", "EXPOSR_STORAGE_URL and EXPOSR_CLUSTER_REDIS_URL")))

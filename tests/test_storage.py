@@ -1,11 +1,11 @@
 """
 Storage backends (docs/protocol.rst, "Storage layout"), one suite run against each of
 memory, SQLite, PostgreSQL (127.0.0.1:5432, database ``test``) and Redis
-(127.0.0.1:6379, db 9) for real.
+(127.0.0.1:6379, in the database this process leases: tests/redis_db.py) for real.
 
 PostgreSQL tests run in a schema of their own (search_path set through the
 connection options) so the table names stay ``account``/``tunnel``/
-``ingress_altnames``; Redis tests use db 9, flushed before and after each test.
+``ingress_altnames``; Redis tests use the leased db, flushed before and after each test.
 """
 
 import json
@@ -35,6 +35,7 @@ from exposr.storage.base import (
 )
 from exposr.storage.memory import MemoryStorage
 from exposr.storage.sqlite import SqliteStorage
+from tests.redis_db import REDIS_DB  # (other test modules import it from here)
 
 ACCOUNT = {
     "accountId": "MPW4YDYVNPFXVV2D",
@@ -1029,20 +1030,6 @@ class PostgresStorageTests(StorageTestsMixin, RecoveryTestsMixin, unittest.TestC
 
 # -- Redis -------------------------------------------------------------------
 
-def _redis_db():
-    """
-    db 9, or EXPOSR_TEST_REDIS_DB; under ``trial -j`` each worker (running in
-    ``_trial_temp/<n>``) takes its own db so that FLUSHDB stays private.
-    """
-    if os.environ.get("EXPOSR_TEST_REDIS_DB"):
-        return int(os.environ["EXPOSR_TEST_REDIS_DB"])
-    worker = os.path.basename(os.getcwd())
-    if worker.isdigit():
-        return 10 + int(worker) % 6
-    return 9
-
-
-REDIS_DB = _redis_db()
 
 
 class RedisStorageTests(StorageTestsMixin, RecoveryTestsMixin, unittest.TestCase):

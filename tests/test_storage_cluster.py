@@ -13,8 +13,8 @@ Several server processes on one database (PostgreSQL row locks, Redis ``lock:<ke
 
 PostgreSQL (127.0.0.1:5432, database ``test``) runs in a schema of its own
 (``?options=-c search_path=<schema>`` in the storage URL); Redis
-(127.0.0.1:6379) uses db 5 (1-8 under ``trial -j``; test_storage.py uses
-9-15), flushed before and after each test.
+(127.0.0.1:6379) uses the database this process leases (tests/redis_db.py),
+flushed before and after each test.
 """
 
 import base64
@@ -28,26 +28,10 @@ from twisted.trial import unittest
 from exposr.storage import storage_from_url
 from exposr.storage.base import table_name
 from tests import procs
+from tests.redis_db import REDIS_DB
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage_worker.py")
 PG = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
-
-
-def _redis_db():
-    """
-    db 5, or EXPOSR_TEST_CLUSTER_REDIS_DB; under ``trial -j`` each worker
-    (running in ``_trial_temp/<n>``) takes its own db among 1-8 so that FLUSHDB
-    stays private (test_storage.py takes 9-15).
-    """
-    if os.environ.get("EXPOSR_TEST_CLUSTER_REDIS_DB"):
-        return int(os.environ["EXPOSR_TEST_CLUSTER_REDIS_DB"])
-    worker = os.path.basename(os.getcwd())
-    if worker.isdigit():
-        return 1 + int(worker) % 8
-    return 5
-
-
-REDIS_DB = _redis_db()
 
 ACCOUNT = "MPW4YDYVNPFXVV2D"
 # the original's shapes: an old account record without "status", a tunnel

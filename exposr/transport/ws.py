@@ -107,7 +107,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self._closing or self.state == self.STATE_CLOSED:
             self._unregister()
             return
-        log.info("tunnel {tunnel} connected from {peer} ({conn})", tunnel=self.tunnel_id, peer=self.peer, conn=self.connection_id)
+        # (the registry logs the connect, for every transport: one record per event)
 
     def _register_failed(self, failure):
         log.warn("tunnel {tunnel}: registration failed: {err}", tunnel=self.tunnel_id, err=failure.getErrorMessage())
@@ -133,7 +133,6 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self.registered:
             self.registered = False
             self.service.connections.unregister(self)
-            log.info("tunnel {tunnel} disconnected ({conn})", tunnel=self.tunnel_id, conn=self.connection_id)
 
     def _ping(self):
         now = self.service.clock.seconds()
