@@ -27,6 +27,7 @@ REFRESH_INTERVAL = 10.0  # seconds between expiry sweeps
 REMOTE_ALIVE_THRESHOLD = 15.0  # remote connection not re-announced → disconnected
 REMOVE_DISCONNECTED_AFTER = 60.0  # disconnected connection records are dropped
 FORGET_STATE_AFTER = 300.0  # empty tunnel state forgotten
+CLOSE_WAIT = 5.0  # seconds a stopping server waits for its tunnel connections to close
 
 
 def _ms(value):
@@ -328,11 +329,23 @@ class ConnectionRegistry(MultiService):
                                 error=describe_error())
         return defer.succeed(not self.is_connected(tunnel_id))
 
-    def stop(self):
-        """Refuse new connections and disconnect every local one."""
+    def stop(self, timeout=CLOSE_WAIT):
+        """Refuse new connections and disconnect every local one; fires once
+        they are closed (a WebSocket's close handshake done, so that clients
+        see a clean 1001), ``timeout`` seconds at most."""
         self.stopping = True
+        closing = []
+        for state in self._tunnels.values():
+            for record in state.connections.values():
+                when_closed = getattr(record.conn, "when_closed", None) if record.local else None
+                if when_closed is not None and record.connected:
+                    closing.append(when_closed())
         ds = [self.disconnect(tid, "server shutting down") for tid in self.local_tunnels()]
-        return defer.gatherResults(ds).addCallback(lambda _: None)
+        d = defer.gatherResults(ds + closing, consumeErrors=True)
+        if closing:
+            timer = self.clock.callLater(timeout, lambda: d.cancel() if not d.called else None)
+            d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d.addBoth(lambda _: None)
 
     # -- remote connections ------------------------------------------------
 

@@ -121,7 +121,18 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self._keepalive is not None:
             self._keepalive.pong(self.service.clock.seconds())
 
+    def when_closed(self):
+        """A Deferred firing once the WebSocket is closed (its close handshake done)."""
+        d = defer.Deferred()
+        if self.state == self.STATE_CLOSED:
+            d.callback(None)
+        else:
+            self.__dict__.setdefault("_close_waiters", []).append(d)
+        return d
+
     def onClose(self, wasClean, code, reason):
+        for d in self.__dict__.pop("_close_waiters", []):
+            d.callback(None)
         self._closing = True
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
