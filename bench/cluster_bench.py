@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -189,13 +188,7 @@ def main():
         verdict = min(p["rps"] / o["rps"] for _, o, p in rows)
         print(f"lowest non-owner/owner req/s ratio: {verdict:.2f} (aim >= 0.5); logs in {tmp}")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        http_bench.stop_all(procs, 15)
         if account is not None:
             redis_cli(args.redis_db, "DEL", f"account:{account}", f"tunnel:{tunnel}")
             left = redis_cli(args.redis_db, "--scan", "--pattern", f"*{token}*").split()

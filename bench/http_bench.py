@@ -186,6 +186,17 @@ def wait_file(path, pattern, timeout=30):
         raise SystemExit(f"timed out waiting for {pattern!r}:\n{f.read().decode(errors='replace')[-2000:]}")
 
 
+def stop_all(procs, seconds):
+    """SIGTERM every process (last started first), then kill what has not exited in time."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(seconds)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wrk(url, connections, duration, host=None, headers=()):
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url]
     for header in headers:
@@ -321,13 +332,7 @@ def main():
             if out:
                 print(f"profile: {out}")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs, 10)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from exposr import config as config_mod, log  # noqa: E402
-from exposr.ingress import http as ingress_http  # noqa: E402
 from exposr.ingress.http import HTTPIngress  # noqa: E402
 from exposr.router import Router  # noqa: E402
 

@@ -5,7 +5,7 @@ client; timeouts are set small on the running parts, and every wait is bounded
 (`within`).
 """
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from tests import e2e_support as e2e

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from exposr import model
 from exposr.ingress import clienthello, httphead
-from exposr.ingress.httphead import Body, End, Head, HeadError, Raw, RequestParser, ResponseParser
+from exposr.ingress.httphead import Body, Head, HeadError, Raw, RequestParser, ResponseParser
 from exposr.options import ConfigError, parse_config
 
 settings.register_profile("ci", derandomize=True, max_examples=150, deadline=None,

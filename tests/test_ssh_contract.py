@@ -34,7 +34,7 @@ from twisted.trial import unittest
 from exposr.config import Config
 from exposr.transport.ssh import LOCAL_WINDOW, SSHTransportService
 from exposr.transport.ssh.shared import BANNER
-from tests.connection_contract import ConnectionContractMixin, Recorder, RecordingProducer
+from tests.connection_contract import ConnectionContractMixin, RecordingProducer
 from tests.test_ssh_support import FakeRegistry, FakeTunnels
 
 # what the far end grants per forwarded channel: smaller than the contract's
