@@ -140,10 +140,10 @@ class Router:
 
     def record(self, tunnel_id):
         """The tunnel record: from the cache (no Deferred), else a Deferred of it."""
-        tunnel = self.cached(tunnel_id)
-        if tunnel is None:
-            return self.lookup(tunnel_id)
-        return tunnel
+        cached = self._records.get(tunnel_id)
+        if cached is not None and cached[0] > self.clock.seconds():
+            return cached[1]
+        return self.lookup(tunnel_id)
 
     def tunnel_for_altname(self, host):
         """The tunnel id a custom domain belongs to: None, a str, or a Deferred of either."""

@@ -685,7 +685,7 @@ class IngressSession(protocol.Protocol):
         self.transport.registerProducer(up.transport, True)
         self.state = FORWARD
         self.gate.release("routing")
-        if head.chunked or head.content_length:
+        if head.has_body:  # (the parser framed it: no header is read again)
             self._watch_progress()
         self._drain_pending()
 

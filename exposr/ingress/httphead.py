@@ -345,7 +345,7 @@ def _check_value(value):
 class RequestHead(_HeadBase):
     """A request head: ``method``, ``target``, ``version`` and ``headers``."""
 
-    __slots__ = ("method", "target")
+    __slots__ = ("method", "target", "has_body")
     _compare = ("method", "target", "version", "headers")
 
     def __init__(self, method, target, version=b"HTTP/1.1", headers=None, raw=None):
@@ -355,6 +355,7 @@ class RequestHead(_HeadBase):
         self.headers = [] if headers is None else headers
         self.raw = raw
         self.persistent = None  # set by the parsers (see the module docstring)
+        self.has_body = None  # set by the parser: whether a body follows (None: not parsed)
 
     def serialize(self):
         """The head as bytes: request line, header lines, blank line."""
@@ -857,6 +858,7 @@ class RequestParser(_Parser):
         if method == b"CONNECT" or (upgrade and b"upgrade" in tokens):
             # framed as any request; after its End the parser waits (`upgraded`, `refused`)
             self._upgrade_next = True
+        head.has_body = mode != _NONE
         return head, mode, length
 
     @property
