@@ -13,13 +13,16 @@ WORKDIR /src
 COPY setup.cfg setup.py README.rst ./
 COPY exposr ./exposr
 COPY twisted ./twisted
-# The twistd plugin cache (twisted/plugins/dropin.cache) is written here: the
-# unprivileged user cannot write it at run time. pip itself is not needed to run.
+# Not needed to run: pip, setuptools and the libraries' own test packages. The
+# twistd plugin cache (twisted/plugins/dropin.cache) is written last: the
+# unprivileged user cannot write it at run time.
 RUN python3 -m venv /opt/exposr \
     && /opt/exposr/bin/pip install --no-cache-dir . \
+    && /opt/exposr/bin/pip uninstall -y -q setuptools pip \
+    && find /opt/exposr/lib/python3*/site-packages -depth -type d \( -name test -o -name tests \) \
+        -exec rm -rf {} + \
     && /opt/exposr/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && /opt/exposr/bin/python -c "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker; assert 'exposrd' in [p.tapname for p in getPlugins(IServiceMaker)]" \
-    && /opt/exposr/bin/pip uninstall -y -q pip
+    && /opt/exposr/bin/python -c "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker; assert 'exposrd' in [p.tapname for p in getPlugins(IServiceMaker)]"
 
 # --- run ------------------------------------------------------------------------
 FROM ${BASE}
