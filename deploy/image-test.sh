@@ -21,8 +21,9 @@
 #    prints the image size.
 #
 # Environment: PYTHON (host Python with exposr installed; default python3),
-# EXPOSR_IMAGE (tag, default localhost/exposrd:test), EXPOSR_IMAGE_BASE_CACHE,
-# EXPOSR_IMAGE_KEEP=1 (keep the built image). Exits non-zero with an
+# EXPOSR_IMAGE (tag, default localhost/exposrd:test-<pid>), EXPOSR_IMAGE_BASE_CACHE,
+# EXPOSR_IMAGE_KEEP=1 (keep the built image; it is removed otherwise). Runs side by
+# side: the base is made under a lock, each run builds its own tag. Exits non-zero with an
 # "image-test: FAILED: ..." line on any failure; every step is time-bounded.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
 BASE_IMAGE=localhost/exposr-debian-base:$SUITE
-IMAGE=${EXPOSR_IMAGE:-localhost/exposrd:test}
+IMAGE=${EXPOSR_IMAGE:-localhost/exposrd:test-$$}
 CACHE=${EXPOSR_IMAGE_BASE_CACHE:-/var/cache/exposr-image-base}
 PY=${PYTHON:-python3}
 
@@ -63,6 +64,7 @@ cleanup() {
         stop_container
     fi
     [ -n "$CTR" ] && buildah rm "$CTR" >/dev/null 2>&1
+    [ "${EXPOSR_IMAGE_KEEP:-}" = 1 ] || buildah rmi "$IMAGE" >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -92,6 +94,9 @@ base_image_recipe() {
         "$BASE_IMAGE" 2>/dev/null || true
 }
 
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock -w 1200 9 || fail "another run held $CACHE/.lock for 20 minutes"
 if [ "$(base_image_recipe)" = "$RECIPE" ]; then
     say "base image $BASE_IMAGE is current (recipe $RECIPE)"
 else
@@ -99,7 +104,6 @@ else
         say "base rootfs from cache $TARBALL"
     else
         say "debootstrap $SUITE from $MIRROR (cold: a few minutes)"
-        mkdir -p "$CACHE"
         ROOTFS=$WORK/rootfs
         timeout 900 debootstrap --variant=minbase --include="$BASE_PACKAGES" \
             "$SUITE" "$ROOTFS" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
@@ -130,6 +134,7 @@ else
         --os linux --arch amd64 "$bctr"
     buildah commit --rm -q "$bctr" "$BASE_IMAGE" >/dev/null || fail "buildah commit of the base failed"
 fi
+flock -u 9
 
 # --- 2. the image ----------------------------------------------------------------------
 say "building $IMAGE from $ROOT/Dockerfile"
@@ -274,7 +279,3 @@ say "stopped (exit $status)"
 size=$(buildah images --format '{{.Size}}' "$IMAGE" | head -1)
 say "image $IMAGE: $size"
 echo "image-test: OK: $IMAGE ($size) built and served a tunnel in $(( $(date +%s) - T0 ))s"
-if [ "${EXPOSR_IMAGE_KEEP:-}" != 1 ]; then
-    buildah rm "$CTR" >/dev/null 2>&1; CTR=
-    buildah rmi "$IMAGE" >/dev/null 2>&1 || true
-fi
