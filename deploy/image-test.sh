@@ -169,14 +169,18 @@ CHART_ENV=(
     POD_NAMESPACE=default
     SERVICE_NAME=exposr-headless
 )
-# what this test needs on top: an account without the admin API
-TEST_ENV=(EXPOSR_ALLOW_REGISTRATION=true)
+# what this test needs on top: an account without the admin API, and a stand-in for
+# the service-account namespace file Kubernetes mounts in every pod (Kubernetes peer
+# discovery is refused without it)
+TEST_ENV=(EXPOSR_ALLOW_REGISTRATION=true
+          EXPOSR_CLUSTER_UDP_DISCOVERY_KUBERNETES_NAMESPACE_FILE=/data/k8s-namespace)
 
 CTR=$(buildah from --pull=never "$IMAGE") || fail "buildah from $IMAGE failed"
 # the /entrypoint-initdb.d contract: a hook script runs before the server
 MNT=$(buildah mount "$CTR")
 printf '#!/bin/sh\necho "initdb hook ran as $(id -u)" >/data/initdb-ran\n' >"$MNT/entrypoint-initdb.d/10-mark.sh"
 chmod 0755 "$MNT/entrypoint-initdb.d/10-mark.sh"
+echo default >"$MNT/data/k8s-namespace"
 
 run_args=()
 for kv in "${CHART_ENV[@]}" "${TEST_ENV[@]}"; do run_args+=(--env "$kv"); done
@@ -217,13 +221,13 @@ stop_container() {
 server_fail() { echo "--- container output (last 40 lines)" >&2; tail -40 "$WORK/server.log" >&2; fail "$*"; }
 
 ready=
-for _ in $(seq 1 300); do   # 30 s
+for _ in $(seq 1 600); do   # 60 s (the chart's start-up probe allows 30 s + 10 x 5 s)
     kill -0 "$RUN_PID" 2>/dev/null || server_fail "the container exited during start-up"
     code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 "http://127.0.0.1:$ADMIN/ping" || true)
     [ "$code" = 200 ] && { ready=1; break; }
     sleep 0.1
 done
-[ -n "$ready" ] || server_fail "/ping on the admin port did not answer 200 within 30 s"
+[ -n "$ready" ] || server_fail "/ping on the admin port did not answer 200 within 60 s"
 say "/ping 200"
 
 user=$(grep -m1 'initdb hook ran as' "$MNT/data/initdb-ran" 2>/dev/null | awk '{print $NF}')
@@ -236,8 +240,15 @@ for p in $pids; do
 done
 say "runs as uid 10001, initdb hook ran"
 
-code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 "http://127.0.0.1:$ADMIN/health" || true)
-[ "$code" = 200 ] || server_fail "/health answered $code, not 200"
+# ready: a cluster node first waits for its peers (20 s by default)
+ready=
+for _ in $(seq 1 600); do   # 60 s
+    kill -0 "$RUN_PID" 2>/dev/null || server_fail "the container exited before it was ready"
+    code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 "http://127.0.0.1:$ADMIN/health" || true)
+    [ "$code" = 200 ] && { ready=1; break; }
+    sleep 0.1
+done
+[ -n "$ready" ] || server_fail "/health on the admin port did not answer 200 within 60 s (last: $code)"
 timeout 20 buildah run --isolation chroot --env EXPOSR_ADMIN_PORT="$ADMIN" "$CTR" -- \
     /usr/local/bin/exposrd-healthcheck || server_fail "the image's HEALTHCHECK command failed"
 hc=$(buildah inspect --type image --format '{{.Docker.Config.Healthcheck.Test}}' "$IMAGE" 2>/dev/null || true)

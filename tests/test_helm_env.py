@@ -5,7 +5,8 @@ environment variables: a ConfigMap of EXPOSR_* values and the Deployment's
 POD_NAME / POD_NAMESPACE / SERVICE_NAME. Its probes are GET /health (readiness) and
 GET /ping (liveness, start-up) on the admin port 9000. Only the ports are moved
 to free ones here, through the same EXPOSR_* variables, so that tests can run side
-by side.
+by side, and the service-account namespace file Kubernetes mounts in every pod
+(which makes Kubernetes peer discovery eligible) is a temporary file.
 """
 
 import base64
@@ -45,6 +46,9 @@ CHART_DEFAULTS = {
     "SERVICE_NAME": "exposr-headless",
 }
 
+# (the default test waits the start-up peer discovery out; the others skip it)
+NO_PEER_WAIT = {"EXPOSR_CLUSTER_DISCOVERY_WAIT": "0"}
+
 
 def free_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -52,13 +56,19 @@ def free_udp_port():
         return s.getsockname()[1]
 
 
-def chart_env(**values):
-    """The chart's environment with `values` changed, ports moved to free ones.
+def chart_env(namespace_file, **values):
+    """The chart's environment with `values` changed, ports moved to free ones,
+    the pod's service-account namespace file written at `namespace_file`.
 
     Returns (environ, ports): ports maps "api", "admin", "udp" (and "admin_api",
     "sni", "ssh" when those are enabled) to the port numbers used.
     """
     e = dict(CHART_DEFAULTS, **values)
+    # what Kubernetes mounts in every pod (Kubernetes peer discovery needs it), here
+    # a file of the test's own
+    with open(namespace_file, "w") as f:
+        f.write(e["POD_NAMESPACE"])
+    e["EXPOSR_CLUSTER_UDP_DISCOVERY_KUBERNETES_NAMESPACE_FILE"] = namespace_file
     ports = {"api": procs.free_port(), "admin": procs.free_port(), "udp": free_udp_port()}
     e["EXPOSR_API_PORT"] = e["EXPOSR_INGRESS_HTTP_PORT"] = str(ports["api"])
     e["EXPOSR_ADMIN_PORT"] = str(ports["admin"])
@@ -83,14 +93,15 @@ def ssh_host_key():
 
 
 class ChartEnvironmentTests(unittest.TestCase):
-    timeout = 60
+    timeout = 90
 
     @defer.inlineCallbacks
     def start(self, environ):
         proto, transport = procs.exposrd(environ=environ)
         self.addCleanup(lambda: proto.ended.addTimeout(30, reactor))
         self.addCleanup(procs.stop, transport, signal.SIGKILL)
-        yield proto.wait_for(b"exposrd ready")
+        # a cluster node waits for its peers (20 s by default) before it is ready
+        yield proto.wait_for(b"exposrd ready", timeout=45)
         return proto, transport
 
     @defer.inlineCallbacks
@@ -110,7 +121,7 @@ class ChartEnvironmentTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_default_values_start_ready_and_serve(self):
-        environ, ports = chart_env()
+        environ, ports = chart_env(self.mktemp())
         proto, transport = yield self.start(environ)
         yield self.assert_probes_pass(ports)
 
@@ -132,8 +143,8 @@ class ChartEnvironmentTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_admin_api_enabled_listens_beside_the_admin_port(self):
         # exposr.admin.enabled=true and exposr.admin.apiKey set
-        environ, ports = chart_env(EXPOSR_ADMIN_API_ENABLE="true", EXPOSR_ADMIN_API_PORT="8081",
-                                   EXPOSR_ADMIN_API_KEY="admin-key-for-test")
+        environ, ports = chart_env(self.mktemp(), EXPOSR_ADMIN_API_ENABLE="true", EXPOSR_ADMIN_API_PORT="8081",
+                                   EXPOSR_ADMIN_API_KEY="admin-key-for-test", **NO_PEER_WAIT)
         proto, transport = yield self.start(environ)
         yield self.assert_probes_pass(ports)
         admin_api = f"http://127.0.0.1:{ports['admin_api']}/v1/admin/cluster"
@@ -154,10 +165,10 @@ class ChartEnvironmentTests(unittest.TestCase):
         cert_path, key_path = write_pair(certdir, *make_cert(cn=f"*.{DOMAIN}"))
         ssh_key, ssh_public = ssh_host_key()
         environ, ports = chart_env(
-            EXPOSR_INGRESS="http,sni", EXPOSR_INGRESS_SNI_PORT="4430",
+            self.mktemp(), EXPOSR_INGRESS="http,sni", EXPOSR_INGRESS_SNI_PORT="4430",
             EXPOSR_INGRESS_SNI_CERT=cert_path, EXPOSR_INGRESS_SNI_KEY=key_path,
             EXPOSR_TRANSPORT="ws,ssh", EXPOSR_TRANSPORT_SSH_PORT="2200",
-            EXPOSR_TRANSPORT_SSH_KEY=ssh_key,
+            EXPOSR_TRANSPORT_SSH_KEY=ssh_key, **NO_PEER_WAIT,
         )
         proto, transport = yield self.start(environ)
         yield self.assert_probes_pass(ports)
