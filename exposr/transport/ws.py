@@ -170,6 +170,9 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if not self._closing:
             self._close(CLOSE_NORMAL, error or "")
 
+    def _seconds(self):
+        return self.service.clock.seconds()
+
     def _close(self, code, reason):
         self._closing = True
         if self.state == self.STATE_OPEN:
