@@ -6,16 +6,19 @@ reads the server's own accounting: the bytes its TCP transport holds for the
 client, the multiplexer's channel table, autobahn's message buffer.
 """
 
+import re
+import socket
 import struct
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from exposr.transport import multiplex, wsframes
+from exposr.transport import multiplex, ws as wsmod, wsframes
 from tests import e2e_support as e2e
 from tests.e2e_support import within
 
 TID = "hostile"
+MiB = 1024 * 1024
 
 
 def frame(opcode, payload=b"", fin=True):
@@ -29,6 +32,11 @@ def frame(opcode, payload=b"", fin=True):
     else:
         head = struct.pack("!BBQ", b0, 0xFF, n)
     return head + b"\0\0\0\0" + payload
+
+
+def buffered(transport):
+    """Bytes a Twisted TCP transport holds for its peer (not yet in the kernel)."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class _Base(unittest.TestCase):
@@ -61,6 +69,61 @@ class _Base(unittest.TestCase):
         return got
 
 
+class NonReadingClientTests(_Base):
+    """A client that never reads, while sending messages the server answers."""
+
+    @defer.inlineCallbacks
+    def test_outgoing_buffer_bounded_then_drained(self):
+        ws, conn = yield self.raw_ws()
+        # the client stops reading, with a small receive buffer (as a client
+        # that stops reading for good would have it filled)
+        ws.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        ws.transport.pauseProducing()
+        unknown = frame(2, multiplex.encode(multiplex.DATA, 99, 7, b"x"))  # answered: CLOSE(7, not open)
+        ping = frame(9)  # answered: pong
+        units = 200_000
+        ws.transport.write((unknown + ping) * units)  # 5.6 MB
+        answer = 2 + 16 + len(multiplex.ERR_WSM_CHANNEL_NOT_OPEN) + 2  # CLOSE frame + pong frame
+        server_side = conn.transport
+        peak = [0]
+
+        def stalled():
+            peak[0] = max(peak[0], buffered(server_side))
+            return peak[0] > 4 * MiB or server_side not in reactor.getReaders()
+
+        yield e2e.wait_until(stalled, 30, 0.002)
+        self.assertLessEqual(peak[0], wsmod.MAX_OUTGOING + 4 * 64 * 1024,
+                             f"the server buffered {peak[0] / MiB:.1f} MB for a client that does not read")
+        self.assertTrue(self.server.service.registry.is_connected(TID))
+        # the client reads again: every answer arrives, the tunnel stays up
+        got = self.count_bytes(ws)
+        ws.transport.resumeProducing()
+        yield e2e.wait_until(lambda: got[0] >= units * answer, 30)
+        self.assertEqual(got[0], units * answer)
+        self.assertTrue(self.server.service.registry.is_connected(TID))
+
+    @defer.inlineCallbacks
+    def test_open_flood_closes_with_1008(self):
+        ws, conn = yield self.raw_ws()
+        got = []  # reads everything: only the channel table can grow
+        ws.dataReceived = got.append
+        opens = 20_000
+        ws.transport.write(b"".join(frame(2, multiplex.encode(multiplex.OPEN, 0, i)) for i in range(1, opens + 1)))
+        mux = conn.mux
+        peak = [0]
+
+        def done():
+            peak[0] = max(peak[0], mux.channel_count)
+            return peak[0] >= opens or mux.closed
+
+        yield e2e.wait_until(done, 30, 0.002)
+        self.assertLessEqual(peak[0], multiplex.MAX_REFUSED_OPENS,
+                             f"{peak[0]} refused channels held awaiting the client's ACK")
+        yield e2e.wait_until(lambda: not self.server.service.registry.is_connected(TID))
+        # the last frame the client received: a close with 1008
+        yield e2e.wait_until(lambda: re.search(rb"\x88[\x02-\x7d]\x03\xf0[^\x88]*$", b"".join(got)))
+
+
 class FragmentTests(_Base):
     """Messages sent as many tiny fragments."""
 
@@ -90,7 +153,7 @@ class FragmentTests(_Base):
 
     @defer.inlineCallbacks
     def test_fragment_rate_closes_with_1008(self):
-        self.patch(wsframes, "MAX_FRAGMENTS_PER_SECOND", 2000)
+        self.patch(wsframes, "MAX_FRAGMENTS_PER_SECOND", 500)
         ws, conn = yield self.raw_ws()
         # messages of two frames each (as the Node client sends them), fast
         message = frame(2, multiplex.encode(multiplex.DATA, 99, 0), fin=False) + frame(0, b"")
