@@ -395,6 +395,21 @@ class OpenFailureTests(SynchronousTestCase):
         self.assertEqual(lone.take(), [])  # src 0: not ACKed
         self.assertEqual(lone.clock.getDelayedCalls(), [])
 
+    def test_ack_with_src_zero_fails_the_open_and_leaves_nothing(self):
+        # ACK(src=0) names no channel of the peer: before, the channel went
+        # OPEN with remote 0 (DATA sent to channel 0) and its peer-number
+        # entry outlived the channel
+        lone = Lone(SERVER)
+        ch = record(lone.mux.open_channel(), lone.events)
+        lone.take()
+        lone.mux.receive(encode(ACK, 1, 0))
+        self.assertEqual(lone.events, [("close", 1, m.ERR_WSM_OPEN_CHANNEL_REJECTED)])
+        self.assertEqual(ch.state, m.CLOSED)
+        ch.write(b"nowhere")
+        self.assertEqual(lone.take(), [])
+        self.assertEqual((lone.mux.channel_count, lone.mux._by_remote), (0, {}))
+        self.assertEqual(lone.clock.getDelayedCalls(), [])
+
     def test_refused_opens_are_bounded(self):
         lone = Lone(SERVER)
         warnings = []

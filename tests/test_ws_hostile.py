@@ -172,3 +172,26 @@ class FragmentTests(_Base):
         ws.transport.write(b"".join(frames))
         ack = yield ws.next_message()
         self.assertEqual(multiplex.decode(ack).type, multiplex.ACK)
+
+
+class CloseFrameTests(_Base):
+    """An invalid close frame is answered with 1002, not a reset."""
+
+    @defer.inlineCallbacks
+    def _bad_close(self, payload):
+        ws, conn = yield self.raw_ws()
+        got = []  # the raw bytes the client receives
+        ws.dataReceived = got.append
+        lost = defer.Deferred()
+        ws.connectionLost = lambda reason: lost.callback(reason.value)
+        ws.transport.write(frame(8, payload))
+        reason = yield within(lost)
+        data = b"".join(got)
+        self.assertEqual(data[:1], b"\x88", f"no close frame before the end ({reason!r})")
+        self.assertEqual(struct.unpack("!H", data[2:4])[0], 1002)
+
+    def test_close_code_999_gets_1002(self):
+        return self._bad_close(struct.pack("!H", 999))
+
+    def test_close_with_one_byte_payload_gets_1002(self):
+        return self._bad_close(b"\x03")

@@ -84,6 +84,8 @@ Leniency (documented decisions)
   ours (or 1 s), so neither side sees a message for an unknown channel.
 * ``close()`` sends the data buffered by a PAUSE before the CLOSE, even while
   still paused (a CLOSE must follow all pending data of its channel).
+* An ACK with ``src`` 0 for a channel we are opening names no channel of the
+  peer: the open fails with `ERR_WSM_OPEN_CHANNEL_REJECTED` (nothing is sent).
 
 Bounds: a refused OPEN holds its number (and a 1 s timer, ~800 bytes) until
 the peer ACKs our CLOSE; with more than `MAX_REFUSED_OPENS` of them waiting,
@@ -545,6 +547,11 @@ class Multiplexer:
             return
         if state is not OPENING:
             return  # duplicate ACK
+        if not src:
+            # names no channel of the peer: we could never address it
+            self.on_warning(f"ws-multiplex: channel {dst} ACKed with src 0; open failed")
+            self._free(ch, ERR_WSM_OPEN_CHANNEL_REJECTED)
+            return
         if ch._timer is not None:
             ch._timer.cancel()
             ch._timer = None

@@ -191,6 +191,15 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def _seconds(self):
         return self.service.clock.seconds()
 
+    def dropConnection(self, abort=False):
+        # After we failed the connection (a 1002, 1007, 1009 close is out, or
+        # still buffered), the client's close or its next violation must not
+        # discard that close frame with an abort: it is flushed, within
+        # CLOSE_DRAIN_TIMEOUT.
+        if abort and self.failedByMe and self.state == self.STATE_CLOSING:
+            abort = False
+        super().dropConnection(abort)
+
     def _closeConnection(self, abort=False):
         if not abort and self._drain_call is None and self.transport is not None:
             self._drain_call = self.service.clock.callLater(CLOSE_DRAIN_TIMEOUT, self.transport.abortConnection)
