@@ -112,9 +112,9 @@ class FastReceive:
         Everything else (the handshake, control frames, fragments, text,
         protocol violations, oversized frames) is left to autobahn: the fast
         path only runs while autobahn holds no partial frame, and gives it
-        whole frames, one at a time (frames up to the size limit are
-        completed here first), so autobahn sees a well-formed stream from a
-        frame boundary on. After a frame that leaves autobahn other than
+        whole frames, one at a time (binary frames and continuations up to
+        the size limit are completed here first), so autobahn sees a
+        well-formed stream from a frame boundary on. After a frame that leaves autobahn other than
         open and idle (closing, failed, a partial frame), the rest is its.
         """
         rx = self._rx
@@ -179,7 +179,12 @@ class FastReceive:
                 break
             stop = i + key_len + n
             if stop > end:
-                need = stop - pos
+                # wait here only for a frame whose header autobahn accepts as
+                # it is (binary, or a continuation inside a message): it
+                # judges any other header on every read it gets a part of
+                b0 = data[pos]
+                if (b0 == 0x80 or b0 == 0) if inside else (b0 == 0x82 or b0 == 0x02):
+                    need = stop - pos
                 break
             if data[pos] == 0x82 and not inside:  # FIN+binary, no RSV
                 if masked:
