@@ -266,8 +266,14 @@ class DisconnectTests(_Base):
         api, info, proc, conn = yield self.connected(target_url=self.target.url)
         head, body = yield self.ask(b"GET", b"/before")
         self.assertEqual(head.status, 200)
+        logs = LogWatch(self)
         yield proc.kill("TERM")
         yield e2e.wait_until(lambda: not self.server.local_connections(TID), 10)
+        # a client's disconnect is no server error (conch logged it at error level)
+        from twisted.logger import LogLevel, formatEvent
+
+        errors = [formatEvent(e) for e in logs.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
         head, body = yield self.ask(b"GET", b"/after")
         self.assertEqual(head.status, 503)
         self.assertEqual(json.loads(body)["error"], "TUNNEL_NOT_CONNECTED")

@@ -395,6 +395,39 @@ class OpenFailureTests(SynchronousTestCase):
         self.assertEqual(lone.take(), [])  # src 0: not ACKed
         self.assertEqual(lone.clock.getDelayedCalls(), [])
 
+    def test_ack_with_src_zero_fails_the_open_and_leaves_nothing(self):
+        # ACK(src=0) names no channel of the peer: before, the channel went
+        # OPEN with remote 0 (DATA sent to channel 0) and its peer-number
+        # entry outlived the channel
+        lone = Lone(SERVER)
+        ch = record(lone.mux.open_channel(), lone.events)
+        lone.take()
+        lone.mux.receive(encode(ACK, 1, 0))
+        self.assertEqual(lone.events, [("close", 1, m.ERR_WSM_OPEN_CHANNEL_REJECTED)])
+        self.assertEqual(ch.state, m.CLOSED)
+        ch.write(b"nowhere")
+        self.assertEqual(lone.take(), [])
+        self.assertEqual((lone.mux.channel_count, lone.mux._by_remote), (0, {}))
+        self.assertEqual(lone.clock.getDelayedCalls(), [])
+
+    def test_refused_opens_are_bounded(self):
+        lone = Lone(SERVER)
+        warnings = []
+        lone.mux.on_warning = warnings.append
+        torn = []
+        lone.mux.on_teardown = torn.append
+        for src in range(1, m.MAX_REFUSED_OPENS + 1):
+            lone.mux.receive(encode(m.OPEN, 0, src))
+        self.assertEqual(lone.mux.channel_count, m.MAX_REFUSED_OPENS)
+        # the peer ACKs one refusal: room for one more
+        lone.mux.receive(encode(ACK, 1, 1))
+        lone.mux.receive(encode(m.OPEN, 0, 1000))
+        self.assertEqual((lone.mux.channel_count, torn), (m.MAX_REFUSED_OPENS, []))
+        lone.mux.receive(encode(m.OPEN, 0, 1001))
+        self.assertEqual(torn, [m.ERR_WSM_TOO_MANY_REFUSED_OPENS])
+        self.assertEqual(lone.mux.channel_count, 0)
+        self.assertEqual(lone.clock.getDelayedCalls(), [])
+
     def test_close_requested_while_opening(self):
         p = Pair()
         sch = record(p.server.open_channel(), p.sev)

@@ -92,18 +92,14 @@ class CloseTests(_Base):
         yield self.assertFailure(conn.open_stream(None), Exception)
 
 
-class FastReceivePathTests(unittest.TestCase):
-    """The server's own frame receive path must behave exactly as autobahn's.
-
-    Random streams of masked binary frames, pings, pongs, fragmented
-    messages and text frames, cut at random points, are fed once through
-    `TunnelWebSocket.dataReceived` (fast path) and once through autobahn's
-    own `_dataReceived`; messages, pongs, bytes written and state must match.
-    """
+class FramePathHelpers:
+    """A server `TunnelWebSocket` on a StringTransport, fed through the fast
+    path or through autobahn's own parser (`_feed_both`)."""
 
     frames_masked = True  # how the peer's frames are (client -> server: masked)
 
     def _make(self, fast):
+        from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
         from exposr.transport import ws as wsmod
@@ -117,13 +113,14 @@ class FastReceivePathTests(unittest.TestCase):
 
         class Service:
             node_id = "n"
-            clock = None
+            clock = Clock()
             registry = None
 
         transport = wsmod.WSTransport(None, None, "n", clock=object())
         p = wsmod.TunnelWebSocket(Service(), "t", "a", "1.2.3.4")
         p.factory = transport.factory
         p.makeConnection(StringTransport())
+        p.transport.registerProducer(wsmod._CarrierProducer(p), True)  # as onOpen does
         p.state = p.STATE_OPEN
         p.inside_message = False
         p.current_frame = None
@@ -172,6 +169,23 @@ class FastReceivePathTests(unittest.TestCase):
                 p.dataReceived(piece)
             out.append((p.mux.got, p.pongs, p.transport.value(), p.state))
         return out
+
+    def settle_reactor(self):
+        """Cancel, at cleanup, the timers autobahn arms on the global reactor from now on."""
+        from twisted.internet import reactor
+
+        before = set(reactor.getDelayedCalls())
+        self.addCleanup(lambda: [c.cancel() for c in reactor.getDelayedCalls() if c not in before and c.active()])
+
+
+class FastReceivePathTests(FramePathHelpers, unittest.TestCase):
+    """The server's own frame receive path must behave exactly as autobahn's.
+
+    Random streams of masked binary frames, pings, pongs, fragmented
+    messages and text frames, cut at random points, are fed once through
+    `TunnelWebSocket.dataReceived` (fast path) and once through autobahn's
+    own `_dataReceived`; messages, pongs, bytes written and state must match.
+    """
 
     def test_random_streams_match_autobahn(self):
         import functools

@@ -272,6 +272,9 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         if not self.opened.called:
             self.opened.callback(self)
 
+    def _seconds(self):
+        return self.clock.seconds()
+
     def _incoming(self, channel):
         try:
             endpoint = self.connector.target()

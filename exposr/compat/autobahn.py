@@ -12,7 +12,14 @@ autobahn sees them, and hands everything else to autobahn's own parser:
   bytes), ``current_frame`` and ``inside_message`` (`RECEIVE_STATE`): public
   attribute names, but what they mean is autobahn's implementation;
 * `create_xor_masker`: autobahn's (NVX-accelerated) masking for large
-  payloads.
+  payloads;
+* the fragment limits override ``onMessageBegin``/``onMessageFrameBegin``
+  (autobahn calls them per message / per data frame it parses, with
+  ``current_frame.opcode`` set) and close with ``_fail_connection`` (sends the
+  close frame, sets ``failedByMe``: the message's data is no longer kept);
+  the server's ``dropConnection``/``_closeConnection`` overrides rely on
+  ``failedByMe`` and on ``_closeConnection(abort)`` being the one place the
+  TCP connection is closed.
 """
 
 from autobahn.websocket.protocol import WebSocketProtocol

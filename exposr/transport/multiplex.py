@@ -84,6 +84,13 @@ Leniency (documented decisions)
   ours (or 1 s), so neither side sees a message for an unknown channel.
 * ``close()`` sends the data buffered by a PAUSE before the CLOSE, even while
   still paused (a CLOSE must follow all pending data of its channel).
+* An ACK with ``src`` 0 for a channel we are opening names no channel of the
+  peer: the open fails with `ERR_WSM_OPEN_CHANNEL_REJECTED` (nothing is sent).
+
+Bounds: a refused OPEN holds its number (and a 1 s timer, ~800 bytes) until
+the peer ACKs our CLOSE; with more than `MAX_REFUSED_OPENS` of them waiting,
+the multiplexer tears down with `ERR_WSM_TOO_MANY_REFUSED_OPENS` (the exposr
+client never opens channels towards the server).
 
 Hot path: a DATA message costs one ``unpack_from``, one dict lookup and one
 slice; outgoing DATA one ``pack`` and one concatenation per <= 64 KiB piece.
@@ -126,6 +133,9 @@ CLOSE_TIMEOUT = 1.0
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
 MAX_REASON = 1024  # bytes of a peer's CLOSE reason kept in peer_error
+# refused peer OPENs whose CLOSE the peer has not ACKed yet; one more tears
+# the multiplexer down (a client opening channels to the server is hostile)
+MAX_REFUSED_OPENS = 256
 
 # error strings (CLOSE payloads and on_close values; docs/protocol.rst, "Error strings")
 ERR_WS_PING_TIMEOUT = "ERR_WS_PING_TIMEOUT"
@@ -140,6 +150,7 @@ ERR_WSM_CHANNEL_CLOSED_BY_PEER = "ERR_WSM_CHANNEL_CLOSED_BY_PEER"
 ERR_WSM_OPEN_CHANNEL_REUSE = "ERR_WSM_OPEN_CHANNEL_REUSE"
 ERR_WSM_CHANNEL_MISMATCH = "ERR_WSM_CHANNEL_MISMATCH"
 ERR_WSM_MESSAGE_TOO_LARGE = "ERR_WSM_MESSAGE_TOO_LARGE"  # ours, not in 1.4.0
+ERR_WSM_TOO_MANY_REFUSED_OPENS = "ERR_WSM_TOO_MANY_REFUSED_OPENS"  # ours, not in 1.4.0
 
 # errno-style code the exposr client's socket exposes for each error
 ERROR_CODES = {
@@ -322,6 +333,7 @@ class Multiplexer:
         self.close_timeout = close_timeout
         self._channels = {}   # our number -> Channel
         self._by_remote = {}  # peer number -> Channel
+        self._refused = set()  # our numbers of refused peer OPENs, until ACKed
         self.closed = False
         self.error = None
         self.on_incoming = None
@@ -397,6 +409,7 @@ class Multiplexer:
         channels = list(self._channels.values())
         self._channels.clear()
         self._by_remote.clear()
+        self._refused.clear()
         for ch in channels:
             if ch._timer is not None:
                 ch._timer.cancel()
@@ -463,6 +476,8 @@ class Multiplexer:
         self._channels.pop(ch.id, None)
         if ch.remote and self._by_remote.get(ch.remote) is ch:
             del self._by_remote[ch.remote]
+        if self._refused:
+            self._refused.discard(ch.id)
         ch.on_close(error)
 
     def _open_timed_out(self, ch):
@@ -496,6 +511,11 @@ class Multiplexer:
             # The peer reused a number we were closing: it has freed it, so
             # take the OPEN as the missing ACK.
             self._free(old, old._close_error)
+        refuse = self.role == SERVER or self.on_incoming is None
+        if refuse and len(self._refused) >= MAX_REFUSED_OPENS:
+            self.on_warning(f"ws-multiplex: more than {MAX_REFUSED_OPENS} refused OPENs unacknowledged")
+            self.teardown(ERR_WSM_TOO_MANY_REFUSED_OPENS)
+            return
         try:
             n = self._allocate()
         except ChannelLimit:
@@ -509,8 +529,9 @@ class Multiplexer:
         if n != src:
             self.on_warning(f"ws-multiplex: accepted peer channel {src} as "
                             f"{n}; numbering out of lock-step")
-        if self.role == SERVER or self.on_incoming is None:
+        if refuse:
             # Consume the number (both counters stay in lock-step), then refuse.
+            self._refused.add(n)
             self._close(ch, ERR_WSM_OPEN_CHANNEL_REJECTED)
         else:
             self.on_incoming(ch)
@@ -526,6 +547,11 @@ class Multiplexer:
             return
         if state is not OPENING:
             return  # duplicate ACK
+        if not src:
+            # names no channel of the peer: we could never address it
+            self.on_warning(f"ws-multiplex: channel {dst} ACKed with src 0; open failed")
+            self._free(ch, ERR_WSM_OPEN_CHANNEL_REJECTED)
+            return
         if ch._timer is not None:
             ch._timer.cancel()
             ch._timer = None

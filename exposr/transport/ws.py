@@ -11,6 +11,13 @@ attaches the factory's protocol to a `StreamTransport` over it.
 Back-pressure: when the TCP connection to the client is backed up, every
 channel's producer (the ingress sockets) is paused until it drains; a PAUSE from
 the client pauses that channel's producer only.
+
+Bounded memory against a client that does not read: once more than
+`MAX_OUTGOING` bytes wait for the client, the server also stops reading from
+it (so it answers nothing more: pings, OPENs, DATA for unknown channels) until
+they are sent; at most the answers to one read (64 KiB, answered with at most
+~3 times as much) come on top. A close of ours waits at most `CLOSE_DRAIN_TIMEOUT`
+for the client to take what is buffered, then the connection is aborted.
 """
 
 import uuid
@@ -34,6 +41,12 @@ HANDSHAKE_TIMEOUT = 5.0
 CLOSE_REFUSED = 1008
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+# Twisted's bufferSize: past this many bytes buffered for the client, the TCP
+# transport pauses its producer (`_CarrierProducer`): the channels, and reading
+MAX_OUTGOING = 64 * 1024
+# a close (ours, or the answer to the client's) flushes what is buffered; a
+# client that does not read is aborted after this many seconds
+CLOSE_DRAIN_TIMEOUT = 10.0
 
 
 @implementer(IPushProducer)
@@ -73,6 +86,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._pinger = None
         self._keepalive = None
         self._closing = False
+        self._drain_call = None
 
     # -- WebSocket life cycle -------------------------------------------
 
@@ -134,6 +148,9 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         for d in self.__dict__.pop("_close_waiters", []):
             d.callback(None)
         self._closing = True
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         if self.mux is not None:
@@ -178,7 +195,25 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
 
     def _on_teardown(self, error):
         if not self._closing:
-            self._close(CLOSE_NORMAL, error or "")
+            code = CLOSE_REFUSED if error == multiplex.ERR_WSM_TOO_MANY_REFUSED_OPENS else CLOSE_NORMAL
+            self._close(code, error or "")
+
+    def _seconds(self):
+        return self.service.clock.seconds()
+
+    def dropConnection(self, abort=False):
+        # After we failed the connection (a 1002, 1007, 1009 close is out, or
+        # still buffered), the client's close or its next violation must not
+        # discard that close frame with an abort: it is flushed, within
+        # CLOSE_DRAIN_TIMEOUT.
+        if abort and self.failedByMe and self.state == self.STATE_CLOSING:
+            abort = False
+        super().dropConnection(abort)
+
+    def _closeConnection(self, abort=False):
+        if not abort and self._drain_call is None and self.transport is not None:
+            self._drain_call = self.service.clock.callLater(CLOSE_DRAIN_TIMEOUT, self.transport.abortConnection)
+        super()._closeConnection(abort)
 
     def _close(self, code, reason):
         self._closing = True
@@ -191,6 +226,12 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         # CLOSING: our close frame (or the peer's) is out; autobahn finishes it
 
     def _carrier_paused(self, paused):
+        # the client takes too little of what we send: stop reading what it
+        # sends (which we would answer) too, until it has taken the backlog
+        if paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
         self._paused = paused
         for stream in list(self._streams.values()):
             if paused:

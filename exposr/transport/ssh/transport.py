@@ -141,6 +141,17 @@ class ServerTransport(sshtransport.SSHServerTransport):
         finally:
             self.transport.loseConnection()
 
+    def receiveError(self, reasonCode, description):
+        """The client's MSG_DISCONNECT: a user ending ``ssh`` is routine (info);
+        any other reason is the client's complaint, not our error (warning).
+        Conch's own logs this at error level."""
+        text = description.decode("utf-8", "replace") if isinstance(description, bytes) else str(description)
+        if reasonCode == sshtransport.DISCONNECT_BY_APPLICATION:
+            log.info("SSH client {peer} disconnected: {reason}", peer=self._peer_for_log(), reason=text[:200])
+        else:
+            log.warn("SSH client {peer} disconnected with code {code}: {reason}", peer=self._peer_for_log(),
+                     code=reasonCode, reason=text[:200])
+
     def disconnect_by_application(self, text):
         if isinstance(text, str):
             text = text.encode("utf-8", "replace")
