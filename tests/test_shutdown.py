@@ -33,6 +33,8 @@ class ShutdownTests(unittest.TestCase):
         m = yield self.proc.wait_for(rb"admin listening on [0-9.]+:(\d+)", 30)
         self.admin = f"http://{e2e.HOST}:{int(m.group(1))}"
         yield self.proc.wait_for(rb"exposrd ready", 30)
+        # an answer comes from the running reactor: its signal handlers are in place
+        self.assertEqual((yield self.get(self.admin + "/ping")), 200)
 
     @defer.inlineCallbacks
     def get(self, url):
