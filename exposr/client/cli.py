@@ -6,6 +6,11 @@
            tunnel info|delete|disconnect ID
            tunnel configure ID set KEY VALUE [KEY VALUE ...] | unset KEY [KEY ...]
            tunnel connect [ID] [TARGET-URL] [KEY VALUE ...]
+           config show | set KEY VALUE | unset KEY
+
+The server and account come from -s/-a, else EXPOSR_SERVER/EXPOSR_ACCOUNT, else
+the config file (`exposr.client.settings`), where `account create` and the
+account `tunnel connect` creates when none is given are remembered.
 """
 
 import argparse
@@ -19,6 +24,7 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
                             globalLogBeginner, textFileLogObserver)
 
 from exposr import __version__
+from exposr.client import settings
 from exposr.client.connect import TunnelClosed, TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 
@@ -103,9 +109,9 @@ def random_tunnel_id(rng=random):
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-s", "--server", default=argparse.SUPPRESS,
-                        help="exposr server URL (env EXPOSR_SERVER)")
+                        help="exposr server URL (env EXPOSR_SERVER, else the config file)")
     common.add_argument("-a", "--account", default=argparse.SUPPRESS,
-                        help="account ID (env EXPOSR_ACCOUNT)")
+                        help="account ID (env EXPOSR_ACCOUNT, else the config file)")
     common.add_argument("--non-interactive", action="store_true", default=argparse.SUPPRESS,
                         help="plain line output (always the case here)")
     common.add_argument("-k", "--insecure", action="store_true", default=argparse.SUPPRESS,
@@ -116,11 +122,21 @@ def build_parser():
     p = argparse.ArgumentParser(prog="exposr", parents=[common],
                                 description="exposr tunnel client")
     p.add_argument("--version", action="version", version=f"exposr-cli/{__version__}")
-    groups = p.add_subparsers(dest="group", required=True, metavar="{account,tunnel}")
+    groups = p.add_subparsers(dest="group", required=True, metavar="{account,tunnel,config}")
 
     acc = groups.add_parser("account", parents=[common], help="account commands")
     acc_cmds = acc.add_subparsers(dest="command", required=True)
     acc_cmds.add_parser("create", parents=[common], help="create an account")
+
+    cfg = groups.add_parser("config", parents=[common],
+                            help="remembered settings (server, account)")
+    cfg_cmds = cfg.add_subparsers(dest="command", required=True)
+    cfg_cmds.add_parser("show", parents=[common], help="show the settings and their source")
+    s = cfg_cmds.add_parser("set", parents=[common], help="remember a setting")
+    s.add_argument("key", choices=list(settings.KEYS))
+    s.add_argument("value")
+    u = cfg_cmds.add_parser("unset", parents=[common], help="forget a setting")
+    u.add_argument("key", choices=list(settings.KEYS))
 
     tun = groups.add_parser("tunnel", parents=[common], help="tunnel commands")
     tc = tun.add_subparsers(dest="command", required=True)
@@ -141,11 +157,12 @@ def build_parser():
 class Cli:
     """One invocation of the command line. `run(argv)` -> Deferred[exit code]."""
 
-    def __init__(self, reactor, out=None, err=None, environ=None):
+    def __init__(self, reactor, out=None, err=None, environ=None, config_path=None):
         self.reactor = reactor
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.environ = os.environ if environ is None else environ
+        self.settings = settings.SettingsFile(config_path or settings.config_path(self.environ))
         self.connector = None
         self.connected = defer.Deferred()  # fires once `tunnel connect` is up
         self._stopping = False
@@ -157,6 +174,8 @@ class Cli:
 
     def parse(self, argv):
         opts = build_parser().parse_args(argv)
+        opts.given = {k: getattr(opts, k, None) for k in settings.KEYS}
+        # command line, then environment; `run` falls back to the config file
         opts.server = getattr(opts, "server", None) or self.environ.get("EXPOSR_SERVER")
         opts.account = getattr(opts, "account", None) or self.environ.get("EXPOSR_ACCOUNT")
         opts.insecure = getattr(opts, "insecure", False)
@@ -167,15 +186,67 @@ class Cli:
     def run(self, argv, opts=None):
         try:
             opts = opts or self.parse(argv)
+            if opts.group == "config":
+                self.stored = self.settings.load()
+                return getattr(self, f"cmd_config_{opts.command}")(opts)
+            self._resolve(opts)
             if not opts.server:
-                raise UsageError("No server given: use -s/--server or EXPOSR_SERVER")
+                raise UsageError("No server given: use -s/--server, EXPOSR_SERVER, or "
+                                 "remember one with `exposr config set server URL`")
             api = ApiClient(self.reactor, opts.server, opts.account, insecure=opts.insecure)
             handler = getattr(self, f"cmd_{opts.group}_{opts.command}")
             yield handler(api, opts)
-        except (ApiError, UsageError, TunnelClosed) as e:
+        except ApiError as e:
+            message = str(e)
+            if e.code == "NO_ACCOUNT":
+                message += (": use -a/--account or EXPOSR_ACCOUNT, or get one with "
+                            "`exposr account create` (it is remembered)")
+            self.err.write(f"{message}\n")
+            self.err.flush()
+            return 1
+        except (UsageError, TunnelClosed, settings.SettingsError) as e:
             self.err.write(f"{e}\n")
             self.err.flush()
             return 1
+        return 0
+
+    def _resolve(self, opts):
+        """Fill in server and account: command line, then environment, then the file."""
+        self.stored = self.settings.load()
+        opts.server, _ = settings.resolve("server", opts.server, self.environ, self.stored)
+        opts.account, _ = settings.resolve("account", opts.account, self.environ, self.stored)
+
+    def _remember(self, server, account):
+        """Store a new account (and its server) in the config file, saying so."""
+        if self.settings.path is None:
+            return
+        previous = self.stored.get("account")
+        try:
+            self.stored = self.settings.update(server=server, account=account)
+        except settings.SettingsError as e:
+            self.err.write(f"{e}\n")
+            return
+        note = f" (replacing {previous})" if previous and previous != account else ""
+        self.say(f"Account saved in {self.settings.path}{note}")
+
+    # -- config ------------------------------------------------------------------------
+    def cmd_config_show(self, opts):
+        self.say(f"Config file: {self.settings.path or '<none: no HOME or XDG_CONFIG_HOME>'}")
+        for key in settings.KEYS:
+            value, source = settings.resolve(key, opts.given[key], self.environ,
+                                             self.stored)
+            self.say(f"{key}: {value} ({source})" if value else f"{key}: <not set>")
+        return 0
+
+    def cmd_config_set(self, opts):
+        value = settings.check(opts.key, opts.value)
+        self.settings.update(**{opts.key: value})
+        self.say(f"Set {opts.key} to {value}")
+        return 0
+
+    def cmd_config_unset(self, opts):
+        self.settings.update(**{opts.key: None})
+        self.say(f"Unset {opts.key}")
         return 0
 
     # -- commands -----------------------------------------------------------------
@@ -183,6 +254,7 @@ class Cli:
     def cmd_account_create(self, api, opts):
         acct = yield api.create_account()
         self.say(f"Created account {acct['account_id_hr']}")
+        self._remember(opts.server, acct["account_id_hr"])
 
     @defer.inlineCallbacks
     def _configure(self, api, tunnel_id, bodies):
@@ -258,6 +330,7 @@ class Cli:
             acct = yield api.create_account()
             api.account = acct["account_id_hr"]
             self.say(f"Created account {api.account}")
+            self._remember(opts.server, api.account)
 
         created = False
         if tunnel_id is None:
