@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            globalLogBeginner, textFileLogObserver)
+                            globalLogBeginner)
 
 from exposr import __version__
-from exposr.client import settings
+from exposr.client import output, settings
 from exposr.client.connect import TunnelClosed, TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 
@@ -114,6 +114,8 @@ def build_parser():
                         help="account ID (env EXPOSR_ACCOUNT, else the config file)")
     common.add_argument("--non-interactive", action="store_true", default=argparse.SUPPRESS,
                         help="plain line output (always the case here)")
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                        help="plain lines (text, the default) or one JSON object per line")
     common.add_argument("-k", "--insecure", action="store_true", default=argparse.SUPPRESS,
                         help="skip TLS certificate verification (server and targets)")
     common.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -167,10 +169,10 @@ class Cli:
         self.connected = defer.Deferred()  # fires once `tunnel connect` is up
         self._stopping = False
         self._done = defer.Deferred()  # `tunnel connect` has cleaned up
+        self.printer = output.LinePrinter(self.out, self.err, clock=reactor.seconds)
 
-    def say(self, line):
-        self.out.write(line + "\n")
-        self.out.flush()
+    def say(self, line, event="message", **fields):
+        self.printer.message(line, event, **fields)
 
     def parse(self, argv):
         opts = build_parser().parse_args(argv)
@@ -180,6 +182,8 @@ class Cli:
         opts.account = getattr(opts, "account", None) or self.environ.get("EXPOSR_ACCOUNT")
         opts.insecure = getattr(opts, "insecure", False)
         opts.log_level = getattr(opts, "log_level", "info")
+        opts.log_format = getattr(opts, "log_format", "text")
+        self.printer.fmt = opts.log_format
         return opts
 
     @defer.inlineCallbacks
@@ -227,7 +231,8 @@ class Cli:
             self.err.write(f"{e}\n")
             return
         note = f" (replacing {previous})" if previous and previous != account else ""
-        self.say(f"Account saved in {self.settings.path}{note}")
+        self.say(f"Account saved in {self.settings.path}{note}", "account_saved",
+                 path=self.settings.path)
 
     # -- config ------------------------------------------------------------------------
     def cmd_config_show(self, opts):
@@ -329,7 +334,7 @@ class Cli:
         if not api.account:
             acct = yield api.create_account()
             api.account = acct["account_id_hr"]
-            self.say(f"Created account {api.account}")
+            self.say(f"Created account {api.account}", "account_created", account=api.account)
             self._remember(opts.server, api.account)
 
         created = False
@@ -347,7 +352,7 @@ class Cli:
                 yield api.put_tunnel(tunnel_id, {})
                 created = True
         if created:
-            self.say(f"Created tunnel {tunnel_id}")
+            self.say(f"Created tunnel {tunnel_id}", "tunnel_created", tunnel=tunnel_id)
 
         trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
         try:
@@ -355,6 +360,7 @@ class Cli:
             if not self._stopping:
                 self.connector = TunnelConnector(self.reactor, api, tunnel_id,
                                                  insecure=opts.insecure)
+                self.connector.on_event = self.printer.event
                 yield self._hold(tunnel_id)
         finally:
             if not self._stopping:
@@ -371,18 +377,19 @@ class Cli:
             if self._stopping:
                 return
             raise
-        self.say(f"Tunnel {tunnel_id} connected to {self.connector.target_url}")
+        self.say(f"Tunnel {tunnel_id} connected to {self.connector.target_url}", "tunnel",
+                 tunnel=tunnel_id, target=self.connector.target_url)
         for kind, url in ingress_urls(info):
-            self.say(f"Ingress {kind.upper()}: {url}")
+            self.say(f"Ingress {kind.upper()}: {url}", "ingress", kind=kind, url=url)
         self.connected.callback(info)
         yield self.connector.finished
-        self.say(f"Tunnel {tunnel_id} disconnected")
+        self.say(f"Tunnel {tunnel_id} disconnected", "tunnel_disconnected", tunnel=tunnel_id)
 
     @defer.inlineCallbacks
     def _delete_quietly(self, api, tunnel_id):
         try:
             yield api.delete_tunnel(tunnel_id)
-            self.say(f"Tunnel {tunnel_id} deleted")
+            self.say(f"Tunnel {tunnel_id} deleted", "tunnel_deleted", tunnel=tunnel_id)
         except ApiError as e:
             self.err.write(f"Could not delete tunnel {tunnel_id}: {e}\n")
 
@@ -457,8 +464,9 @@ def main(argv=None):
         predicate = LogLevelFilterPredicate(defaultLogLevel=max(level, LogLevel.warn,
                                                                 key=_LEVEL_ORDER.index))
         predicate.setLogLevelForNamespace("exposr", level)
+        # our own one-line format (or JSON lines), never Twisted's
         globalLogBeginner.beginLoggingTo(
-            [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+            [FilteringLogObserver(cli.printer.observer, [predicate])],
             redirectStandardIO=False)
         return cli.run(argv, opts).addCallback(_exit)
 

@@ -10,6 +10,9 @@
   reconnects it with back-off (1 s, x1.12 per failure, at most 5 s) except
   after close code 1008. The Deferred fires with the tunnel info once the first
   WebSocket is up; it fails on fatal API errors (no endpoint/target, 401/403/404).
+* ``on_event`` (None, or a callable ``(name, text, **fields)``) is told of
+  every connection event instead of the log: ``connected``, ``failed``,
+  ``disconnected``, ``reconnecting`` (with ``delay``), ``refused``.
 * ``stop()`` closes everything; ``finished`` fires (None) when the connector
   ends: after ``stop()``, or with a failure when it gives up (every slot
   refused with 1008, or a fatal API error after start).
@@ -388,24 +391,37 @@ class _Slot:
         if failure.check(ApiError) and failure.value.code in FATAL_CODES:
             self.connector._fail(failure)
             return
-        log.warn("connection {n} failed: {err}; retrying in {d:.1f} s",
-                 n=self.index + 1, err=_describe(failure), d=self.delay)
+        n, err = self.index + 1, _describe(failure)
+        if not self.connector._event("failed", f"Connection {n} failed: {err}",
+                                     connection=n, error=err):
+            log.warn("connection {n} failed: {err}; retrying in {d:.1f} s",
+                     n=n, err=err, d=self.delay)
         self._retry()
 
     def _down(self, code):
         self.ws = None
         if self.connector.stopping:
             return code
+        n = self.index + 1
         if code == CLOSE_REFUSED:
-            log.warn("connection {n} refused by the server (1008), not retrying", n=self.index + 1)
+            if not self.connector._event(
+                    "refused", f"Connection {n} refused by the server (1008), not retrying",
+                    connection=n, code=code):
+                log.warn("connection {n} refused by the server (1008), not retrying", n=n)
             self.done = True
             self.connector._slot_done()
             return code
-        log.warn("connection {n} lost ({code}), reconnecting", n=self.index + 1, code=code)
+        if not self.connector._event("disconnected", f"Connection {n} lost ({code})",
+                                     connection=n, code=code):
+            log.warn("connection {n} lost ({code}), reconnecting", n=n, code=code)
         self._retry()
         return code
 
     def _retry(self):
+        n = self.index + 1
+        self.connector._event("reconnecting",
+                              f"Connection {n} reconnecting in {self.delay:.1f} s",
+                              connection=n, delay=round(self.delay, 2))
         self.timer = self.connector.clock.callLater(self.delay, self.connect)
         self.delay = min(self.delay * BACKOFF_FACTOR, BACKOFF_MAX)
 
@@ -441,6 +457,14 @@ class TunnelConnector:
         self._stopped = None
         self._lock = defer.DeferredLock()
         self._waiters = []
+        self.on_event = None
+
+    def _event(self, name, text, **fields):
+        """Tell `on_event` (True), or let the caller log (False)."""
+        if self.on_event is None:
+            return False
+        self.on_event(name, text, **fields)
+        return True
 
     @property
     def connections(self):
@@ -510,7 +534,10 @@ class TunnelConnector:
             item[1].callback(up)
 
     def _slot_up(self, slot):
-        log.info("connection {n} established", n=slot.index + 1)
+        n = slot.index + 1
+        if not self._event("connected", f"Connection {n} established", connection=n,
+                           connections=len(self.connections)):
+            log.info("connection {n} established", n=n)
         self._check_waiters()
         if not self._started.called:
             self._started.callback(self.info)
