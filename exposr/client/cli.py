@@ -24,13 +24,14 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
                             globalLogBeginner)
 
 from exposr import __version__
-from exposr.client import output, settings
+from exposr.client import httpmode, output, settings
 from exposr.client.connect import TunnelClosed, TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 
 BOOLS = {"on": True, "true": True, "yes": True, "1": True,
          "off": False, "false": False, "no": False, "0": False}
 _SPECIAL = ("http", "https", "ws", "wss", "ftp")
+_NEEDS_PORT = ("tcp", "tls", "tcps")  # no default port to fall back on
 
 
 class UsageError(Exception):
@@ -42,6 +43,13 @@ def normalize_url(value):
     parts = urlsplit(value)
     if not parts.scheme or not (parts.netloc or parts.path):
         raise UsageError(f"Invalid URL: {value}")
+    if parts.scheme.lower() in _NEEDS_PORT:
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or not port:
+            raise UsageError(f"Invalid URL: {value} ({parts.scheme}:// needs a host and a port)")
     if parts.scheme.lower() in _SPECIAL and parts.netloc and not parts.path:
         value = parts._replace(path="/").geturl()
     return value
@@ -153,6 +161,13 @@ def build_parser():
     cf.add_argument("args", nargs="+", metavar="KEY [VALUE]")
     cn = tc.add_parser("connect", parents=[common], help="connect a tunnel to a target")
     cn.add_argument("args", nargs="*", metavar="[ID] [TARGET-URL] [KEY VALUE ...]")
+    cn.add_argument("--http-mode", action="store_true",
+                    help="parse HTTP locally and rewrite each request's headers toward the target")
+    cn.add_argument("-H", "--http-header-replace", action="append", metavar="NAME:VALUE",
+                    help="HTTP mode: set this request header to VALUE (repeatable)")
+    cn.add_argument("-R", "--http-header-rewrite", action="append", metavar="NAME",
+                    help="HTTP mode: request headers whose URL is rewritten to the target "
+                         "(repeatable or comma-separated; default host, referer, origin)")
     return p
 
 
@@ -319,9 +334,31 @@ class Cli:
             raise UsageError("Need at least one of tunnel-id or target-url")
         return tunnel_id, target, _pairs(args)
 
+    @staticmethod
+    def http_mode(opts):
+        """The connector's HTTP mode settings from the options (None when off)."""
+        replace = getattr(opts, "http_header_replace", None)
+        rewrite = getattr(opts, "http_header_rewrite", None)
+        if not getattr(opts, "http_mode", False):
+            if replace or rewrite:
+                raise UsageError("-H/--http-header-replace and -R/--http-header-rewrite "
+                                 "need --http-mode")
+            return None
+        try:
+            replace = httpmode.parse_replace(replace)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        names = httpmode.parse_rewrite(rewrite) if rewrite else httpmode.DEFAULT_REWRITE
+        return {"rewrite": names, "replace": replace}
+
     @defer.inlineCallbacks
     def cmd_tunnel_connect(self, api, opts):
         tunnel_id, target, pairs = self.connect_args(opts.args)
+        http_mode = self.http_mode(opts)
+        if target:
+            target = normalize_url(target)
+            if http_mode is not None and urlsplit(target).scheme.lower() not in ("http", "https"):
+                raise UsageError(f"--http-mode needs an http:// or https:// target: {target}")
         keys = [_ALIASES.get(k, k) for k, _ in pairs]
         if target:
             pairs.append(("target-url", target))
@@ -359,7 +396,7 @@ class Cli:
             yield self._configure(api, tunnel_id, bodies)
             if not self._stopping:
                 self.connector = TunnelConnector(self.reactor, api, tunnel_id,
-                                                 insecure=opts.insecure)
+                                                 insecure=opts.insecure, http_mode=http_mode)
                 self.connector.on_event = self.printer.event
                 yield self._hold(tunnel_id)
         finally:

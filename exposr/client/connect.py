@@ -13,6 +13,9 @@
 * ``on_event`` (None, or a callable ``(name, text, **fields)``) is told of
   every connection event instead of the log: ``connected``, ``failed``,
   ``disconnected``, ``reconnecting`` (with ``delay``), ``refused``.
+* ``http_mode`` (``{"rewrite": names, "replace": {...}}``, see `httpmode`) parses
+  each request locally and rewrites its headers toward the target; every
+  request is then reported as a ``request`` event (method, path, status, ms).
 * ``stop()`` closes everything; ``finished`` fires (None) when the connector
   ends: after ``stop()``, or with a failure when it gives up (every slot
   refused with 1008, or a fatal API error after start).
@@ -34,6 +37,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from exposr.client import httpmode
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
 from exposr.sockwrite import no_delay, write_now
@@ -96,6 +100,14 @@ class _Target(Protocol):
         self.splice.target_down(reason)
 
 
+class _HttpTarget(_Target):
+    """HTTP mode: responses are watched (not changed) to report each request."""
+
+    def dataReceived(self, data):
+        self.splice.watcher.feed(data)
+        self.splice.channel.write(data)
+
+
 @implementer(IPushProducer)
 class _Splice:
     """Registered as the producer of the target socket (its write side)."""
@@ -111,13 +123,22 @@ class _Splice:
         self._hold = set()   # why the channel is PAUSEd: 'pending', 'target'
         self._stall = set()  # why the target is not read: 'peer', 'carrier'
         channel.on_data = self._data
+        target_protocol = _Target
+        rules = ws.connector.http_rules
+        if rules is not None:
+            # HTTP mode only: the plain path above stays as it is
+            self.rewriter = httpmode.RequestRewriter(rules, self._request_seen)
+            self.watcher = httpmode.ResponseWatcher(self._response_seen)
+            self.requests = []
+            channel.on_data = self._data_http
+            target_protocol = _HttpTarget
         channel.on_close = self._channel_closed
         channel.on_pause = lambda: self.stall("peer", True)
         channel.on_resume = lambda: self.stall("peer", False)
         if ws.carrier_paused:
             self._stall.add("carrier")
         self._connecting = None
-        connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
+        connecting = endpoint.connect(Factory.forProtocol(lambda: target_protocol(self)))
         # an endpoint may connect at once: target_up has then run already
         if self.target is None and not connecting.called:
             self._connecting = connecting
@@ -138,6 +159,31 @@ class _Splice:
         self._pending_size += len(data)
         if self._pending_size > PENDING_HIGH_WATER:
             self.hold("pending", True)
+
+    def _data_http(self, data):
+        if self.closed or self.rewriter is None:
+            return
+        try:
+            data = self.rewriter.feed(data)
+        except httpmode.HttpModeError as e:
+            self.rewriter = None
+            log.warn("HTTP mode: {err}; closing the request's connection", err=str(e))
+            self.channel.close("EPROTO")
+            return
+        if data:
+            self._data(data)
+
+    def _request_seen(self, method, path):
+        self.requests.append((method, path, self.ws.clock.seconds()))
+        self.watcher.request(method)
+
+    def _response_seen(self, status):
+        if not self.requests:
+            return
+        method, path, started = self.requests.pop(0)
+        ms = round((self.ws.clock.seconds() - started) * 1000, 1)
+        self.ws.connector._event("request", f"{method} {path} {status} {ms:.0f} ms",
+                                 method=method, path=path, status=status, duration_ms=ms)
 
     def hold(self, reason, on):
         was = bool(self._hold)
@@ -441,7 +487,7 @@ def _describe(failure):
 
 class TunnelConnector:
     def __init__(self, reactor, api, tunnel_id, target_url=None, insecure=False, clock=None,
-                 handshake_timeout=HANDSHAKE_TIMEOUT):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, http_mode=None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.api = api
@@ -458,6 +504,9 @@ class TunnelConnector:
         self._lock = defer.DeferredLock()
         self._waiters = []
         self.on_event = None
+        # HTTP mode: None, or {"rewrite": names, "replace": {name: (Name, value)}}
+        self.http_mode = http_mode
+        self.http_rules = None
 
     def _event(self, name, text, **fields):
         """Tell `on_event` (True), or let the caller log (False)."""
@@ -491,6 +540,11 @@ class TunnelConnector:
             self.target()
         except ValueError as e:
             raise TunnelClosed(str(e)) from None
+        if self.http_mode is not None:
+            try:
+                self.http_rules = httpmode.HeaderRules(self.target_url, **self.http_mode)
+            except ValueError as e:
+                raise TunnelClosed(str(e)) from None
         self.info = info
         count = (info.get("transport") or {}).get("max_connections") or 1
         self.slots = [_Slot(self, i) for i in range(max(1, int(count)))]
