@@ -40,6 +40,16 @@ class PathTests(unittest.TestCase):
         self.assertEqual(settings.resolve("account", None, env, stored), ("FILE", "config file"))
         self.assertEqual(settings.resolve("account", None, {}, {}), (None, None))
 
+    def test_the_files_account_goes_with_the_files_server(self):
+        stored = {"server": "http://Tunnels.example.com", "account": "FILE"}
+        same = settings.resolve_all({"server": "http://tunnels.example.com/"}, {}, stored)
+        self.assertEqual(same["account"], ("FILE", "config file"))
+        other = settings.resolve_all({}, {"EXPOSR_SERVER": "http://other:8080/"}, stored)
+        self.assertEqual(other, {"server": ("http://other:8080/", "environment"),
+                                 "account": (None, None)})
+        given = settings.resolve_all({"server": "http://other/", "account": "A"}, {}, stored)
+        self.assertEqual(given["account"], ("A", "command line"))
+
     def test_unreadable_file_is_a_clean_error(self):
         home = self.mktemp()
         os.makedirs(os.path.join(home, "exposr"))
@@ -132,6 +142,17 @@ class AccountCreateRemembersTests(_Base):
         code, out, err = yield run(new_cli(dict(environ, EXPOSR_ACCOUNT="ABCD")),
                                    "tunnel", "info", "t1")
         self.assertEqual(self.api.requests[-1]["path"], "/v1/account/ABCD/token")
+        # another server does not get this server's account
+        sent = len(self.api.requests)
+        code, out, err = yield run(new_cli(environ), "-s", "http://127.0.0.1:1/",
+                                   "tunnel", "info", "t1")
+        self.assertEqual(code, 1)
+        self.assertIn("exposr account create", err)
+        self.assertEqual(len(self.api.requests), sent)
+        code, out, err = yield run(new_cli(environ), "-s", "http://127.0.0.1:1/",
+                                   "config", "show")
+        self.assertIn("account: <not set>", out)
+        self.assertIn(f"(the config file's account is for {self.api.url}/)", out)
 
 
 class ImplicitAccountTests(unittest.TestCase):

@@ -232,8 +232,9 @@ class Cli:
     def _resolve(self, opts):
         """Fill in server and account: command line, then environment, then the file."""
         self.stored = self.settings.load()
-        opts.server, _ = settings.resolve("server", opts.server, self.environ, self.stored)
-        opts.account, _ = settings.resolve("account", opts.account, self.environ, self.stored)
+        values = settings.resolve_all({"server": opts.server, "account": opts.account},
+                                      self.environ, self.stored)
+        opts.server, opts.account = values["server"][0], values["account"][0]
 
     def _remember(self, server, account):
         """Store a new account (and its server) in the config file, saying so."""
@@ -252,10 +253,13 @@ class Cli:
     # -- config ------------------------------------------------------------------------
     def cmd_config_show(self, opts):
         self.say(f"Config file: {self.settings.path or '<none: no HOME or XDG_CONFIG_HOME>'}")
+        values = settings.resolve_all(opts.given, self.environ, self.stored)
         for key in settings.KEYS:
-            value, source = settings.resolve(key, opts.given[key], self.environ,
-                                             self.stored)
+            value, source = values[key]
             self.say(f"{key}: {value} ({source})" if value else f"{key}: <not set>")
+        if self.stored.get("account") and values["account"][1] != "config file" \
+                and not values["account"][0]:
+            self.say(f"(the config file's account is for {self.stored.get('server')})")
         return 0
 
     def cmd_config_set(self, opts):

@@ -124,7 +124,7 @@ class _Splice:
         self._stall = set()  # why the target is not read: 'peer', 'carrier'
         channel.on_data = self._data
         target_protocol = _Target
-        rules = ws.connector.http_rules
+        rules = getattr(ws.connector, "http_rules", None)
         if rules is not None:
             # HTTP mode only: the plain path above stays as it is
             self.rewriter = httpmode.RequestRewriter(rules, self._request_seen)

@@ -6,6 +6,7 @@ same directory, then a rename) with mode 0600, because the account number is the
 account's credential.
 
 A value is taken from the command line first, then the environment, then the file.
+The file's account belongs to the file's server: it is not used with another one.
 """
 
 import json
@@ -94,6 +95,24 @@ class SettingsFile:
                 values[key] = value
         self.save(values)
         return values
+
+
+def same_server(a, b):
+    """Two server URLs name the same server (case of scheme and host, trailing '/')."""
+    def norm(url):
+        parts = urlsplit(url.strip())
+        return (parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"))
+    return bool(a and b) and norm(a) == norm(b)
+
+
+def resolve_all(given, environ, stored):
+    """{key: (value, source)}; the file's account is used only with the file's server."""
+    server = resolve("server", given.get("server"), environ, stored)
+    file_account = stored.get("account")
+    if file_account and not same_server(server[0], stored.get("server")):
+        stored = {k: v for k, v in stored.items() if k != "account"}
+    return {"server": server, "account": resolve("account", given.get("account"), environ,
+                                                 stored)}
 
 
 def resolve(key, given, environ, stored):
