@@ -6,6 +6,11 @@
            tunnel info|delete|disconnect ID
            tunnel configure ID set KEY VALUE [KEY VALUE ...] | unset KEY [KEY ...]
            tunnel connect [ID] [TARGET-URL] [KEY VALUE ...]
+           config show | set KEY VALUE | unset KEY
+
+The server and account come from -s/-a, else EXPOSR_SERVER/EXPOSR_ACCOUNT, else
+the config file (`exposr.client.settings`), where `account create` and the
+account `tunnel connect` creates when none is given are remembered.
 """
 
 import argparse
@@ -16,15 +21,17 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            globalLogBeginner, textFileLogObserver)
+                            globalLogBeginner)
 
 from exposr import __version__
+from exposr.client import httpmode, output, settings
 from exposr.client.connect import TunnelClosed, TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 
 BOOLS = {"on": True, "true": True, "yes": True, "1": True,
          "off": False, "false": False, "no": False, "0": False}
 _SPECIAL = ("http", "https", "ws", "wss", "ftp")
+_NEEDS_PORT = ("tcp", "tls", "tcps")  # no default port to fall back on
 
 
 class UsageError(Exception):
@@ -36,6 +43,13 @@ def normalize_url(value):
     parts = urlsplit(value)
     if not parts.scheme or not (parts.netloc or parts.path):
         raise UsageError(f"Invalid URL: {value}")
+    if parts.scheme.lower() in _NEEDS_PORT:
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or not port:
+            raise UsageError(f"Invalid URL: {value} ({parts.scheme}:// needs a host and a port)")
     if parts.scheme.lower() in _SPECIAL and parts.netloc and not parts.path:
         value = parts._replace(path="/").geturl()
     return value
@@ -103,11 +117,13 @@ def random_tunnel_id(rng=random):
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-s", "--server", default=argparse.SUPPRESS,
-                        help="exposr server URL (env EXPOSR_SERVER)")
+                        help="exposr server URL (env EXPOSR_SERVER, else the config file)")
     common.add_argument("-a", "--account", default=argparse.SUPPRESS,
-                        help="account ID (env EXPOSR_ACCOUNT)")
+                        help="account ID (env EXPOSR_ACCOUNT, else the config file)")
     common.add_argument("--non-interactive", action="store_true", default=argparse.SUPPRESS,
                         help="plain line output (always the case here)")
+    common.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                        help="plain lines (text, the default) or one JSON object per line")
     common.add_argument("-k", "--insecure", action="store_true", default=argparse.SUPPRESS,
                         help="skip TLS certificate verification (server and targets)")
     common.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -116,11 +132,21 @@ def build_parser():
     p = argparse.ArgumentParser(prog="exposr", parents=[common],
                                 description="exposr tunnel client")
     p.add_argument("--version", action="version", version=f"exposr-cli/{__version__}")
-    groups = p.add_subparsers(dest="group", required=True, metavar="{account,tunnel}")
+    groups = p.add_subparsers(dest="group", required=True, metavar="{account,tunnel,config}")
 
     acc = groups.add_parser("account", parents=[common], help="account commands")
     acc_cmds = acc.add_subparsers(dest="command", required=True)
     acc_cmds.add_parser("create", parents=[common], help="create an account")
+
+    cfg = groups.add_parser("config", parents=[common],
+                            help="remembered settings (server, account)")
+    cfg_cmds = cfg.add_subparsers(dest="command", required=True)
+    cfg_cmds.add_parser("show", parents=[common], help="show the settings and their source")
+    s = cfg_cmds.add_parser("set", parents=[common], help="remember a setting")
+    s.add_argument("key", choices=list(settings.KEYS))
+    s.add_argument("value")
+    u = cfg_cmds.add_parser("unset", parents=[common], help="forget a setting")
+    u.add_argument("key", choices=list(settings.KEYS))
 
     tun = groups.add_parser("tunnel", parents=[common], help="tunnel commands")
     tc = tun.add_subparsers(dest="command", required=True)
@@ -135,47 +161,116 @@ def build_parser():
     cf.add_argument("args", nargs="+", metavar="KEY [VALUE]")
     cn = tc.add_parser("connect", parents=[common], help="connect a tunnel to a target")
     cn.add_argument("args", nargs="*", metavar="[ID] [TARGET-URL] [KEY VALUE ...]")
+    cn.add_argument("--http-mode", action="store_true",
+                    help="parse HTTP locally and rewrite each request's headers toward the target")
+    cn.add_argument("-H", "--http-header-replace", action="append", metavar="NAME:VALUE",
+                    help="HTTP mode: set this request header to VALUE (repeatable)")
+    cn.add_argument("-R", "--http-header-rewrite", action="append", metavar="NAME",
+                    help="HTTP mode: request headers whose URL is rewritten to the target "
+                         "(repeatable or comma-separated; default host, referer, origin)")
     return p
 
 
 class Cli:
     """One invocation of the command line. `run(argv)` -> Deferred[exit code]."""
 
-    def __init__(self, reactor, out=None, err=None, environ=None):
+    def __init__(self, reactor, out=None, err=None, environ=None, config_path=None):
         self.reactor = reactor
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.environ = os.environ if environ is None else environ
+        self.settings = settings.SettingsFile(config_path or settings.config_path(self.environ))
         self.connector = None
         self.connected = defer.Deferred()  # fires once `tunnel connect` is up
         self._stopping = False
         self._done = defer.Deferred()  # `tunnel connect` has cleaned up
+        self.printer = output.LinePrinter(self.out, self.err, clock=reactor.seconds)
 
-    def say(self, line):
-        self.out.write(line + "\n")
-        self.out.flush()
+    def say(self, line, event="message", **fields):
+        self.printer.message(line, event, **fields)
 
     def parse(self, argv):
         opts = build_parser().parse_args(argv)
+        opts.given = {k: getattr(opts, k, None) for k in settings.KEYS}
+        # command line, then environment; `run` falls back to the config file
         opts.server = getattr(opts, "server", None) or self.environ.get("EXPOSR_SERVER")
         opts.account = getattr(opts, "account", None) or self.environ.get("EXPOSR_ACCOUNT")
         opts.insecure = getattr(opts, "insecure", False)
         opts.log_level = getattr(opts, "log_level", "info")
+        opts.log_format = getattr(opts, "log_format", "text")
+        self.printer.fmt = opts.log_format
         return opts
 
     @defer.inlineCallbacks
     def run(self, argv, opts=None):
         try:
             opts = opts or self.parse(argv)
+            if opts.group == "config":
+                self.stored = self.settings.load()
+                return getattr(self, f"cmd_config_{opts.command}")(opts)
+            self._resolve(opts)
             if not opts.server:
-                raise UsageError("No server given: use -s/--server or EXPOSR_SERVER")
+                raise UsageError("No server given: use -s/--server, EXPOSR_SERVER, or "
+                                 "remember one with `exposr config set server URL`")
             api = ApiClient(self.reactor, opts.server, opts.account, insecure=opts.insecure)
             handler = getattr(self, f"cmd_{opts.group}_{opts.command}")
             yield handler(api, opts)
-        except (ApiError, UsageError, TunnelClosed) as e:
+        except ApiError as e:
+            message = str(e)
+            if e.code == "NO_ACCOUNT":
+                message += (": use -a/--account or EXPOSR_ACCOUNT, or get one with "
+                            "`exposr account create` (it is remembered)")
+            self.err.write(f"{message}\n")
+            self.err.flush()
+            return 1
+        except (UsageError, TunnelClosed, settings.SettingsError) as e:
             self.err.write(f"{e}\n")
             self.err.flush()
             return 1
+        return 0
+
+    def _resolve(self, opts):
+        """Fill in server and account: command line, then environment, then the file."""
+        self.stored = self.settings.load()
+        values = settings.resolve_all({"server": opts.server, "account": opts.account},
+                                      self.environ, self.stored)
+        opts.server, opts.account = values["server"][0], values["account"][0]
+
+    def _remember(self, server, account):
+        """Store a new account (and its server) in the config file, saying so."""
+        if self.settings.path is None:
+            return
+        previous = self.stored.get("account")
+        try:
+            self.stored = self.settings.update(server=server, account=account)
+        except settings.SettingsError as e:
+            self.err.write(f"{e}\n")
+            return
+        note = f" (replacing {previous})" if previous and previous != account else ""
+        self.say(f"Account saved in {self.settings.path}{note}", "account_saved",
+                 path=self.settings.path)
+
+    # -- config ------------------------------------------------------------------------
+    def cmd_config_show(self, opts):
+        self.say(f"Config file: {self.settings.path or '<none: no HOME or XDG_CONFIG_HOME>'}")
+        values = settings.resolve_all(opts.given, self.environ, self.stored)
+        for key in settings.KEYS:
+            value, source = values[key]
+            self.say(f"{key}: {value} ({source})" if value else f"{key}: <not set>")
+        if self.stored.get("account") and values["account"][1] != "config file" \
+                and not values["account"][0]:
+            self.say(f"(the config file's account is for {self.stored.get('server')})")
+        return 0
+
+    def cmd_config_set(self, opts):
+        value = settings.check(opts.key, opts.value)
+        self.settings.update(**{opts.key: value})
+        self.say(f"Set {opts.key} to {value}")
+        return 0
+
+    def cmd_config_unset(self, opts):
+        self.settings.update(**{opts.key: None})
+        self.say(f"Unset {opts.key}")
         return 0
 
     # -- commands -----------------------------------------------------------------
@@ -183,6 +278,7 @@ class Cli:
     def cmd_account_create(self, api, opts):
         acct = yield api.create_account()
         self.say(f"Created account {acct['account_id_hr']}")
+        self._remember(opts.server, acct["account_id_hr"])
 
     @defer.inlineCallbacks
     def _configure(self, api, tunnel_id, bodies):
@@ -242,9 +338,31 @@ class Cli:
             raise UsageError("Need at least one of tunnel-id or target-url")
         return tunnel_id, target, _pairs(args)
 
+    @staticmethod
+    def http_mode(opts):
+        """The connector's HTTP mode settings from the options (None when off)."""
+        replace = getattr(opts, "http_header_replace", None)
+        rewrite = getattr(opts, "http_header_rewrite", None)
+        if not getattr(opts, "http_mode", False):
+            if replace or rewrite:
+                raise UsageError("-H/--http-header-replace and -R/--http-header-rewrite "
+                                 "need --http-mode")
+            return None
+        try:
+            replace = httpmode.parse_replace(replace)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        names = httpmode.parse_rewrite(rewrite) if rewrite else httpmode.DEFAULT_REWRITE
+        return {"rewrite": names, "replace": replace}
+
     @defer.inlineCallbacks
     def cmd_tunnel_connect(self, api, opts):
         tunnel_id, target, pairs = self.connect_args(opts.args)
+        http_mode = self.http_mode(opts)
+        if target:
+            target = normalize_url(target)
+            if http_mode is not None and urlsplit(target).scheme.lower() not in ("http", "https"):
+                raise UsageError(f"--http-mode needs an http:// or https:// target: {target}")
         keys = [_ALIASES.get(k, k) for k, _ in pairs]
         if target:
             pairs.append(("target-url", target))
@@ -257,7 +375,8 @@ class Cli:
         if not api.account:
             acct = yield api.create_account()
             api.account = acct["account_id_hr"]
-            self.say(f"Created account {api.account}")
+            self.say(f"Created account {api.account}", "account_created", account=api.account)
+            self._remember(opts.server, api.account)
 
         created = False
         if tunnel_id is None:
@@ -274,14 +393,15 @@ class Cli:
                 yield api.put_tunnel(tunnel_id, {})
                 created = True
         if created:
-            self.say(f"Created tunnel {tunnel_id}")
+            self.say(f"Created tunnel {tunnel_id}", "tunnel_created", tunnel=tunnel_id)
 
         trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
         try:
             yield self._configure(api, tunnel_id, bodies)
             if not self._stopping:
                 self.connector = TunnelConnector(self.reactor, api, tunnel_id,
-                                                 insecure=opts.insecure)
+                                                 insecure=opts.insecure, http_mode=http_mode)
+                self.connector.on_event = self.printer.event
                 yield self._hold(tunnel_id)
         finally:
             if not self._stopping:
@@ -298,18 +418,19 @@ class Cli:
             if self._stopping:
                 return
             raise
-        self.say(f"Tunnel {tunnel_id} connected to {self.connector.target_url}")
+        self.say(f"Tunnel {tunnel_id} connected to {self.connector.target_url}", "tunnel",
+                 tunnel=tunnel_id, target=self.connector.target_url)
         for kind, url in ingress_urls(info):
-            self.say(f"Ingress {kind.upper()}: {url}")
+            self.say(f"Ingress {kind.upper()}: {url}", "ingress", kind=kind, url=url)
         self.connected.callback(info)
         yield self.connector.finished
-        self.say(f"Tunnel {tunnel_id} disconnected")
+        self.say(f"Tunnel {tunnel_id} disconnected", "tunnel_disconnected", tunnel=tunnel_id)
 
     @defer.inlineCallbacks
     def _delete_quietly(self, api, tunnel_id):
         try:
             yield api.delete_tunnel(tunnel_id)
-            self.say(f"Tunnel {tunnel_id} deleted")
+            self.say(f"Tunnel {tunnel_id} deleted", "tunnel_deleted", tunnel=tunnel_id)
         except ApiError as e:
             self.err.write(f"Could not delete tunnel {tunnel_id}: {e}\n")
 
@@ -384,8 +505,9 @@ def main(argv=None):
         predicate = LogLevelFilterPredicate(defaultLogLevel=max(level, LogLevel.warn,
                                                                 key=_LEVEL_ORDER.index))
         predicate.setLogLevelForNamespace("exposr", level)
+        # our own one-line format (or JSON lines), never Twisted's
         globalLogBeginner.beginLoggingTo(
-            [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+            [FilteringLogObserver(cli.printer.observer, [predicate])],
             redirectStandardIO=False)
         return cli.run(argv, opts).addCallback(_exit)
 

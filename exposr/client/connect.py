@@ -10,6 +10,12 @@
   reconnects it with back-off (1 s, x1.12 per failure, at most 5 s) except
   after close code 1008. The Deferred fires with the tunnel info once the first
   WebSocket is up; it fails on fatal API errors (no endpoint/target, 401/403/404).
+* ``on_event`` (None, or a callable ``(name, text, **fields)``) is told of
+  every connection event instead of the log: ``connected``, ``failed``,
+  ``disconnected``, ``reconnecting`` (with ``delay``), ``refused``.
+* ``http_mode`` (``{"rewrite": names, "replace": {...}}``, see `httpmode`) parses
+  each request locally and rewrites its headers toward the target; every
+  request is then reported as a ``request`` event (method, path, status, ms).
 * ``stop()`` closes everything; ``finished`` fires (None) when the connector
   ends: after ``stop()``, or with a failure when it gives up (every slot
   refused with 1008, or a fatal API error after start).
@@ -31,6 +37,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from exposr.client import httpmode
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
 from exposr.sockwrite import no_delay, write_now
@@ -93,6 +100,14 @@ class _Target(Protocol):
         self.splice.target_down(reason)
 
 
+class _HttpTarget(_Target):
+    """HTTP mode: responses are watched (not changed) to report each request."""
+
+    def dataReceived(self, data):
+        self.splice.watcher.feed(data)
+        self.splice.channel.write(data)
+
+
 @implementer(IPushProducer)
 class _Splice:
     """Registered as the producer of the target socket (its write side)."""
@@ -108,13 +123,22 @@ class _Splice:
         self._hold = set()   # why the channel is PAUSEd: 'pending', 'target'
         self._stall = set()  # why the target is not read: 'peer', 'carrier'
         channel.on_data = self._data
+        target_protocol = _Target
+        rules = getattr(ws.connector, "http_rules", None)
+        if rules is not None:
+            # HTTP mode only: the plain path above stays as it is
+            self.rewriter = httpmode.RequestRewriter(rules, self._request_seen)
+            self.watcher = httpmode.ResponseWatcher(self._response_seen)
+            self.requests = []
+            channel.on_data = self._data_http
+            target_protocol = _HttpTarget
         channel.on_close = self._channel_closed
         channel.on_pause = lambda: self.stall("peer", True)
         channel.on_resume = lambda: self.stall("peer", False)
         if ws.carrier_paused:
             self._stall.add("carrier")
         self._connecting = None
-        connecting = endpoint.connect(Factory.forProtocol(lambda: _Target(self)))
+        connecting = endpoint.connect(Factory.forProtocol(lambda: target_protocol(self)))
         # an endpoint may connect at once: target_up has then run already
         if self.target is None and not connecting.called:
             self._connecting = connecting
@@ -135,6 +159,31 @@ class _Splice:
         self._pending_size += len(data)
         if self._pending_size > PENDING_HIGH_WATER:
             self.hold("pending", True)
+
+    def _data_http(self, data):
+        if self.closed or self.rewriter is None:
+            return
+        try:
+            data = self.rewriter.feed(data)
+        except httpmode.HttpModeError as e:
+            self.rewriter = None
+            log.warn("HTTP mode: {err}; closing the request's connection", err=str(e))
+            self.channel.close("EPROTO")
+            return
+        if data:
+            self._data(data)
+
+    def _request_seen(self, method, path):
+        self.requests.append((method, path, self.ws.clock.seconds()))
+        self.watcher.request(method)
+
+    def _response_seen(self, status):
+        if not self.requests:
+            return
+        method, path, started = self.requests.pop(0)
+        ms = round((self.ws.clock.seconds() - started) * 1000, 1)
+        self.ws.connector._event("request", f"{method} {path} {status} {ms:.0f} ms",
+                                 method=method, path=path, status=status, duration_ms=ms)
 
     def hold(self, reason, on):
         was = bool(self._hold)
@@ -391,24 +440,37 @@ class _Slot:
         if failure.check(ApiError) and failure.value.code in FATAL_CODES:
             self.connector._fail(failure)
             return
-        log.warn("connection {n} failed: {err}; retrying in {d:.1f} s",
-                 n=self.index + 1, err=_describe(failure), d=self.delay)
+        n, err = self.index + 1, _describe(failure)
+        if not self.connector._event("failed", f"Connection {n} failed: {err}",
+                                     connection=n, error=err):
+            log.warn("connection {n} failed: {err}; retrying in {d:.1f} s",
+                     n=n, err=err, d=self.delay)
         self._retry()
 
     def _down(self, code):
         self.ws = None
         if self.connector.stopping:
             return code
+        n = self.index + 1
         if code == CLOSE_REFUSED:
-            log.warn("connection {n} refused by the server (1008), not retrying", n=self.index + 1)
+            if not self.connector._event(
+                    "refused", f"Connection {n} refused by the server (1008), not retrying",
+                    connection=n, code=code):
+                log.warn("connection {n} refused by the server (1008), not retrying", n=n)
             self.done = True
             self.connector._slot_done()
             return code
-        log.warn("connection {n} lost ({code}), reconnecting", n=self.index + 1, code=code)
+        if not self.connector._event("disconnected", f"Connection {n} lost ({code})",
+                                     connection=n, code=code):
+            log.warn("connection {n} lost ({code}), reconnecting", n=n, code=code)
         self._retry()
         return code
 
     def _retry(self):
+        n = self.index + 1
+        self.connector._event("reconnecting",
+                              f"Connection {n} reconnecting in {self.delay:.1f} s",
+                              connection=n, delay=round(self.delay, 2))
         self.timer = self.connector.clock.callLater(self.delay, self.connect)
         self.delay = min(self.delay * BACKOFF_FACTOR, BACKOFF_MAX)
 
@@ -428,7 +490,7 @@ def _describe(failure):
 
 class TunnelConnector:
     def __init__(self, reactor, api, tunnel_id, target_url=None, insecure=False, clock=None,
-                 handshake_timeout=HANDSHAKE_TIMEOUT):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, http_mode=None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.api = api
@@ -444,6 +506,17 @@ class TunnelConnector:
         self._stopped = None
         self._lock = defer.DeferredLock()
         self._waiters = []
+        self.on_event = None
+        # HTTP mode: None, or {"rewrite": names, "replace": {name: (Name, value)}}
+        self.http_mode = http_mode
+        self.http_rules = None
+
+    def _event(self, name, text, **fields):
+        """Tell `on_event` (True), or let the caller log (False)."""
+        if self.on_event is None:
+            return False
+        self.on_event(name, text, **fields)
+        return True
 
     @property
     def connections(self):
@@ -470,6 +543,11 @@ class TunnelConnector:
             self.target()
         except ValueError as e:
             raise TunnelClosed(str(e)) from None
+        if self.http_mode is not None:
+            try:
+                self.http_rules = httpmode.HeaderRules(self.target_url, **self.http_mode)
+            except ValueError as e:
+                raise TunnelClosed(str(e)) from None
         self.info = info
         count = (info.get("transport") or {}).get("max_connections") or 1
         self.slots = [_Slot(self, i) for i in range(max(1, int(count)))]
@@ -513,7 +591,10 @@ class TunnelConnector:
             item[1].callback(up)
 
     def _slot_up(self, slot):
-        log.info("connection {n} established", n=slot.index + 1)
+        n = slot.index + 1
+        if not self._event("connected", f"Connection {n} established", connection=n,
+                           connections=len(self.connections)):
+            log.info("connection {n} established", n=n)
         self._check_waiters()
         if not self._started.called:
             self._started.callback(self.info)
