@@ -150,12 +150,15 @@ class ServerCollector:
         yield requests
         family = HistogramMetricFamily("exposr_ingress_request_duration_seconds",
                                        "From a request's head to the end of its response", labels=["ingress"])
-        family.add_metric(["http"], stats.durations.cumulative(), stats.durations.total)
+        durations = stats.durations
+        family.add_metric(["http"], durations.cumulative(), durations.total)
         yield family
         family = CounterMetricFamily("exposr_ingress_bytes", "Bytes from (in) and to (out) public clients",
                                      labels=["ingress", "direction"])
-        family.add_metric(["http", "in"], stats.bytes_in)
-        family.add_metric(["http", "out"], stats.bytes_out)
+        sessions = self.http_ingress.sessions if self.http_ingress is not None else ()
+        bytes_in, bytes_out = stats.bytes(list(sessions))
+        family.add_metric(["http", "in"], bytes_in)
+        family.add_metric(["http", "out"], bytes_out)
         yield family
 
     def _storage(self):

@@ -38,18 +38,39 @@ class RequestStats:
     """What the HTTP ingress counts, updated once per request (`IngressSession._access`).
 
     ``classes[status // 100]``: requests by status class (index 0 holds the
-    requests that ended without a status); ``durations``: from the request
-    head to the end of the response; ``bytes_in``: every byte read from public
-    clients; ``bytes_out``: response heads and bodies, and an upgraded
-    connection's bytes towards the client; ``connections``: public client
-    connections accepted.
+    requests that ended without a status); ``duration_counts`` /
+    ``duration_bounds`` / ``duration_sum``: a `Durations` histogram, flat
+    (from the request head to the end of the response); ``bytes_in``: every
+    byte read from public clients, ``bytes_out``: every byte written to them
+    (heads, bodies, the ingress's own answers, an upgraded connection's bytes),
+    both of closed connections only (`bytes` adds the open ones);
+    ``connections``: public client connections accepted.
     """
 
-    __slots__ = ("classes", "durations", "bytes_in", "bytes_out", "connections")
+    __slots__ = ("classes", "duration_counts", "duration_bounds", "duration_sum", "bytes_in", "bytes_out",
+                 "connections")
 
     def __init__(self):
         self.classes = [0] * 10
-        self.durations = Durations()
+        self.duration_bounds = DURATION_BOUNDS
+        self.duration_counts = [0] * (len(DURATION_BOUNDS) + 1)
+        self.duration_sum = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections = 0
+
+    @property
+    def durations(self):
+        """The duration histogram as a `Durations` (a copy)."""
+        durations = Durations(self.duration_bounds)
+        durations.counts = list(self.duration_counts)
+        durations.total = self.duration_sum
+        return durations
+
+    def bytes(self, sessions):
+        """(bytes in, bytes out) so far, the open ``sessions`` (`IngressSession`) included."""
+        bytes_in, bytes_out = self.bytes_in, self.bytes_out
+        for session in sessions:
+            bytes_in += session.received
+            bytes_out += session.raw_out + session.other_out
+        return bytes_in, bytes_out

@@ -364,7 +364,13 @@ class HTTPIngress:
         return d
 
     def _session_closed(self, session):
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            stats = self.stats
+            if stats is not None:
+                # the bytes of open sessions are counted at scrape time, of closed ones here
+                stats.bytes_in += session.received
+                stats.bytes_out += session.raw_out + session.other_out
         if self.draining and not self.sessions:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -438,11 +444,9 @@ class IngressSession(protocol.Protocol):
         self.raw_out = 0
         self.mark = 0
         self.window_start = None
-        # bytes out besides response bodies (`sent`): response heads, the ingress's own answers
+        # bytes out besides `raw_out`: response heads, the ingress's own
+        # answers, and (once a request ends, with stats) its response body
         self.other_out = 0
-        # what the ingress's stats already counted of received and raw_out + other_out
-        self.counted_in = 0
-        self.counted_out = 0
 
     def connectionMade(self):
         # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
@@ -884,18 +888,13 @@ class IngressSession(protocol.Protocol):
         ingress = self.ingress
         stats = ingress.stats
         if stats is not None:
-            # a few integer additions per request; the metrics read them at scrape time
+            # a few integer additions per request; the metrics read them at
+            # scrape time (the bytes of open connections from the sessions)
             status = self.status
             stats.classes[status // 100 if status is not None else 0] += 1
-            durations = stats.durations
-            durations.counts[bisect_left(durations.bounds, elapsed)] += 1
-            durations.total += elapsed
-            n = self.received
-            stats.bytes_in += n - self.counted_in
-            self.counted_in = n
-            n = self.raw_out + self.other_out
-            stats.bytes_out += self.sent + n - self.counted_out
-            self.counted_out = n
+            stats.duration_counts[bisect_left(stats.duration_bounds, elapsed)] += 1
+            stats.duration_sum += elapsed
+            self.other_out += self.sent
         ingress.access_log(
             head.method.decode("latin-1"),
             head.target.decode("latin-1"),
@@ -916,15 +915,6 @@ class IngressSession(protocol.Protocol):
     def _closed(self):
         self.state = CLOSED
         self._cancel_timer()
-        stats = self.ingress.stats
-        if stats is not None:
-            # bytes of the connection not yet counted with a request
-            n = self.received
-            stats.bytes_in += n - self.counted_in
-            self.counted_in = n
-            n = self.raw_out + self.other_out
-            stats.bytes_out += n - self.counted_out
-            self.counted_out = n
         self.ingress._session_closed(self)
 
     def connectionLost(self, reason):
