@@ -10,10 +10,14 @@ directly and through the tunnel:
   run varies by a factor of two on a shared 2-core machine),
 
 and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
-(``apt-get install -y wrk curl``).
+(``apt-get install -y wrk curl``). ``--metrics-compare`` also starts a second
+``exposrd`` with the admin interface (and so the ``/metrics`` counting) and its
+own client, runs the tunnel measurements through both, alternating, and
+prints a column for it (the 100 MB download goes through the first only).
 
     .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web]
         [--log-level info] [--profile out.svg]   # py-spy record of exposrd
+        [--metrics-compare]                      # the same through an exposrd with /metrics
         [--profile-client out.txt]               # ... and of the exposr client
 
 ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
@@ -249,6 +253,8 @@ def main():
     ap.add_argument("--profile-client", help="the same for the exposr client")
     ap.add_argument("--no-download", action="store_true", help="skip the 100 MB download")
     ap.add_argument("--downloads", type=int, default=3, help="100 MB downloads each way (median, default 3)")
+    ap.add_argument("--metrics-compare", action="store_true",
+                    help="also through a second exposrd with --admin-enable (/metrics counting on)")
     args = ap.parse_args()
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
@@ -269,20 +275,32 @@ def main():
         tport, sport = free_port(), free_port()
         start([py, os.path.abspath(__file__), "--target", str(tport), args.target], "target")
         wait_port(tport)
-        server, _ = start([py, "-c", "from exposr.script import main; main()",
-                           "--allow-registration", "--ingress-http-url", f"http://localhost:{sport}",
-                           "--api-port", str(sport), "--ingress-http-port", str(sport),
-                           "--listen-address", "127.0.0.1", "--log-level", args.log_level], "exposrd")
-        wait_port(sport)
-        client, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
-                               "-s", f"http://127.0.0.1:{sport}/", "tunnel", "connect", TUNNEL,
-                               f"http://127.0.0.1:{tport}"], "exposr")
-        wait_file(client_log, rb"Ingress HTTP")
+
+        def server_and_client(port, name, extra=()):
+            server, _ = start([py, "-c", "from exposr.script import main; main()",
+                               "--allow-registration", "--ingress-http-url", f"http://localhost:{port}",
+                               "--api-port", str(port), "--ingress-http-port", str(port),
+                               "--listen-address", "127.0.0.1", "--log-level", args.log_level, *extra], name)
+            wait_port(port)
+            client, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
+                                        "-s", f"http://127.0.0.1:{port}/", "tunnel", "connect", TUNNEL,
+                                        f"http://127.0.0.1:{tport}"], name + "-client")
+            wait_file(client_log, rb"Ingress HTTP")
+            return server, client
+
+        server, client = server_and_client(sport, "exposrd")
         host = f"{TUNNEL}.localhost:{sport}"
         direct_url, tunnel_url = f"http://127.0.0.1:{tport}/", f"http://127.0.0.1:{sport}/"
         # warm up both paths
         wrk(direct_url, 10, 1)
         wrk(tunnel_url, 10, 1, host)
+        metered = None
+        if args.metrics_compare:
+            mport, aport = free_port(), free_port()
+            mserver, mclient = server_and_client(mport, "exposrd-metrics",
+                                                 ("--admin-enable", "--admin-port", str(aport)))
+            metered = (mserver, mclient, f"http://127.0.0.1:{mport}/", f"{TUNNEL}.localhost:{mport}")
+            wrk(metered[2], 10, 1, metered[3])
 
         rows = []
         for c in conns:
@@ -295,31 +313,49 @@ def main():
                         ["py-spy", "record", "-o", out, "-p", str(proc.pid), *raw,
                          "-d", str(args.duration), "-r", "200", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
-            t = wrk(tunnel_url, c, args.duration, host)
-            cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
-            n = max(1, t["requests"])
-            for key, i in (("server", 0), ("client", 1)):
-                usr, sys_ = ((cpu1[i][k] - cpu0[i][k]) * 1e6 / n for k in (0, 1))
-                t[key + "_us"], t[key + "_split"] = usr + sys_, f"({usr:.0f}+{sys_:.0f})"
+            def through(server, client, url, host):
+                cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
+                t = wrk(url, c, args.duration, host)
+                cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
+                n = max(1, t["requests"])
+                for key, i in (("server", 0), ("client", 1)):
+                    usr, sys_ = ((cpu1[i][k] - cpu0[i][k]) * 1e6 / n for k in (0, 1))
+                    t[key + "_us"], t[key + "_split"] = usr + sys_, f"({usr:.0f}+{sys_:.0f})"
+                return t
+
+            t = through(server, client, tunnel_url, host)
             for spy in spies:
                 spy.wait()
-            rows.append((c, d, t))
+            m = through(*metered) if metered is not None else None
+            rows.append((c, d, t, m))
         if not args.no_download:
             runs = [(download(direct_url + "big"), download(tunnel_url + "big", host))
                     for _ in range(max(1, args.downloads))]
             d_mb = statistics.median(d for d, _ in runs)
             t_mb = statistics.median(t for _, t in runs)
 
-        print(f"{'':14}{'direct':>22}{'tunnel':>22}{'ratio':>9}")
-        for c, d, t in rows:
-            print(f"{c:>3} conns req/s{d['rps']:>20.0f}{t['rps']:>22.0f}{t['rps'] / d['rps']:>9.2f}")
-            print(f"{'':10}p50 ms{d['p50']:>20.2f}{t['p50']:>22.2f}{t['p50'] / d['p50']:>9.2f}")
-            print(f"{'':10}p99 ms{d['p99']:>20.2f}{t['p99']:>22.2f}{t['p99'] / d['p99']:>9.2f}")
-            print(f"{'':4}CPU us/req  exposrd{t['server_us']:>8.1f} {t['server_split']:<10} "
-                  f"exposr{t['client_us']:>8.1f} {t['client_split']} (user+sys)")
+        print(f"{'':14}{'direct':>22}{'tunnel':>22}{'ratio':>9}"
+              + (f"{'tunnel+metrics':>18}{'ratio':>9}" if metered else ""))
+        for c, d, t, m in rows:
+            for label, key, fmt in (("req/s", "rps", ".0f"), ("p50 ms", "p50", ".2f"), ("p99 ms", "p99", ".2f")):
+                line = (f"{c:>3} conns " if key == "rps" else " " * 10) + f"{label:<6}"
+                line += f"{d[key]:>{20 if key == 'rps' else 20}{fmt}}{t[key]:>22{fmt}}{t[key] / d[key]:>9.2f}"
+                if m is not None:
+                    line += f"{m[key]:>18{fmt}}{m[key] / d[key]:>9.2f}"
+                print(line)
+            for name, row in (("", t), ("(metrics) ", m)):
+                if row is not None:
+                    print(f"{'':4}CPU us/req {name}exposrd{row['server_us']:>8.1f} {row['server_split']:<10} "
+                          f"exposr{row['client_us']:>8.1f} {row['client_split']} (user+sys)")
             if d["non2xx"] or t["non2xx"]:
                 print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
+        if metered is not None:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{aport}/metrics", timeout=10) as r:
+                counted = [line for line in r.read().decode().splitlines()
+                           if line.startswith('exposr_ingress_requests_total{') and 'status_class="2xx"' in line]
+            print("metrics of the second exposrd: " + " ".join(counted))
         if not args.no_download:
             print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}   (median of {len(runs)})")
         rss = 0

@@ -6,8 +6,11 @@ access record written to a throwaway output. No sockets, no WebSocket, no
 multiplexer: what is left is the Python cost of routing, forwarding-header
 rewriting, head parsing and the response path. Prints microseconds per
 request/response and, with ``--profile``, the top functions (cProfile).
+``--metrics`` counts the requests for ``/metrics`` as a server with the admin
+interface does; ``--compare`` alternates rounds without and with that counting
+in one run and prints the median of each.
 
-    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile]
+    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile] [--metrics | --compare [--rounds 7]]
 """
 
 import argparse
@@ -15,6 +18,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import time
 
@@ -26,6 +30,7 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from exposr import config as config_mod, log  # noqa: E402
 from exposr.ingress.http import HTTPIngress  # noqa: E402
 from exposr.router import Router  # noqa: E402
+from exposr.stats import RequestStats  # noqa: E402
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.example.com:8080\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n"
@@ -86,6 +91,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=100000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--metrics", action="store_true", help="count requests for /metrics (as with --admin-enable)")
+    ap.add_argument("--compare", action="store_true", help="rounds without and with --metrics, alternating")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of each with --compare (default 7)")
     args = ap.parse_args()
     # the access records go to a throwaway JSON output of the bench's own,
     # handed to the ingress's access log explicitly (not installed globally)
@@ -94,7 +102,8 @@ def main():
     clock = task.Clock()
     config = config_mod.Config(ingress_http_url="http://example.com:8080")
     registry = _Registry()
-    ingress = HTTPIngress(config, Router(_Tunnels(), registry, clock), "node", clock, access_log=access_log)
+    ingress = HTTPIngress(config, Router(_Tunnels(), registry, clock), "node", clock, access_log=access_log,
+                          stats=RequestStats() if args.metrics else None)
     session = ingress.session()
     public = _Public()
     public.written = 0
@@ -115,10 +124,23 @@ def main():
         prof.runcall(run, args.requests)
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
+    print(f"python {sys.version.split()[0]}")
+    if args.compare:
+        times = {False: [], True: []}
+        for _ in range(args.rounds):
+            for counting in (False, True):
+                ingress.stats = RequestStats() if counting else None
+                t0 = time.perf_counter()
+                run(args.requests)
+                times[counting].append((time.perf_counter() - t0) / args.requests * 1e6)
+        for counting, label in ((False, "metrics off"), (True, "metrics on ")):
+            us = times[counting]
+            print(f"ingress request+response, {label}: {statistics.median(us):.2f} us median "
+                  f"(min {min(us):.2f}, max {max(us):.2f}, {args.rounds} rounds of {args.requests})")
+        return
     t0 = time.perf_counter()
     run(args.requests)
     dt = time.perf_counter() - t0
-    print(f"python {sys.version.split()[0]}")
     print(f"ingress request+response: {dt / args.requests * 1e6:.2f} us ({args.requests / dt:.0f}/s)")
 
 

@@ -29,6 +29,7 @@ from exposr.listener import Door
 from exposr.log import AccessLog
 from exposr.ratelimit import FailureLimiter
 from exposr.router import Router
+from exposr.stats import RequestStats
 from exposr.config import Config
 from exposr.storage import storage_from_url
 from exposr.storage.guard import GuardedStorage
@@ -171,6 +172,7 @@ class Parts:
     cluster: object
     http_ingress: object = None
     ssh: object = None
+    metrics: object = None  # the prometheus_client registry served on /metrics (with the admin interface)
     listeners: dict = attrs.Factory(dict)
     services: list = attrs.Factory(list)
     start_hooks: list = attrs.Factory(list)
@@ -193,6 +195,14 @@ def build(config, reactor, node, readiness):
         # every call answered within a bounded time, and at once while the store is down
         storage = GuardedStorage(storage, reactor, timeout=config.storage_timeout)
     listeners = {}
+    # the metrics (/metrics of the admin interface) exist when the admin interface does
+    metrics = config.admin_enable
+    limiters = []
+
+    def limiter(what):
+        limiters.append(FailureLimiter(reactor, what))
+        return limiters[-1]
+
     sni = SNICertificates(config, reactor, listeners) if config.sni_ingress_enabled else None
 
     accounts = AccountService(storage, reactor)
@@ -227,7 +237,7 @@ def build(config, reactor, node, readiness):
         from exposr.transport.ssh import SSHTransportService
 
         ssh = SSHTransportService(config, tunnels, tunnels, node.id, reactor,
-                                  limiter=FailureLimiter(reactor, "SSH login"))
+                                  limiter=limiter("SSH login"))
         parts.services.append(ssh)
         parts.start_hooks.append(ssh.listen)
     parts.ssh = ssh
@@ -235,7 +245,7 @@ def build(config, reactor, node, readiness):
     ssh_port = (lambda: ssh.port) if ssh is not None else None
 
     public = PublicAPI(config, accounts, tunnels, registry, ssh_fingerprint=fingerprint, ssh_port=ssh_port,
-                       limiter=FailureLimiter(reactor, "account number"))
+                       limiter=limiter("account number"))
     site = _site(public.resource(), config, reactor)
 
     ws = None
@@ -248,7 +258,8 @@ def build(config, reactor, node, readiness):
     if config.http_ingress_enabled:
         from exposr.ingress.http import HTTPIngress
 
-        ingress = HTTPIngress(config, router, node.id, reactor, access_log=AccessLog("exposr.ingress.http.access"))
+        ingress = HTTPIngress(config, router, node.id, reactor, access_log=AccessLog("exposr.ingress.http.access"),
+                              stats=RequestStats() if metrics else None)
     parts.http_ingress = ingress
     if ingress is not None:
         parts.drain_hooks.append(ingress.drain)
@@ -256,7 +267,7 @@ def build(config, reactor, node, readiness):
     address = config.listen_address
     shared = config.ingress_http_port == config.api_port
     door = Door(config, reactor, site, ingress=ingress if shared else None, ws=ws, tunnels=tunnels,
-                limiter=FailureLimiter(reactor, "connection token"))
+                limiter=limiter("connection token"))
     parts.add_listener(Listener("api", tcp_endpoint(reactor, config.api_port, address), door))
     if ingress is not None and not shared:
         ingress_door = Door(config, reactor, None, ingress=ingress, ws=None, tunnels=tunnels)
@@ -264,24 +275,32 @@ def build(config, reactor, node, readiness):
             Listener("ingress-http", tcp_endpoint(reactor, config.ingress_http_port, address), ingress_door)
         )
 
+    sni_factory = None
     if sni is not None:
         from exposr.ingress.sni import SNIIngressFactory, router_resolver
 
-        factory = SNIIngressFactory(router_resolver(router), sni, reactor)
+        factory = sni_factory = SNIIngressFactory(router_resolver(router), sni, reactor)
         parts.services.append(sni)
         parts.start_hooks.append(sni.load)
         parts.drain_hooks.append(factory.drain)
         parts.stop_hooks.append(lambda: [c.shut_down() for c in list(factory.connections)])
         parts.add_listener(Listener("ingress-sni", tcp_endpoint(reactor, config.ingress_sni_port, address), factory))
 
-    interface = AdminInterface(readiness) if config.admin_enable else None
+    if metrics:
+        from exposr.metrics import metrics_registry
+
+        parts.metrics = metrics_registry(
+            registry, http_stats=ingress.stats if ingress is not None else None, sni=sni_factory,
+            http_ingress=ingress, storage=storage, cluster=cluster, node_id=node.id, limiters=limiters,
+        )
+    interface = AdminInterface(readiness, metrics=parts.metrics) if config.admin_enable else None
     admin_api = None
     if config.admin_api_enable:
         admin_api = AdminAPI(
             config, accounts, tunnels, registry,
             nodes=cluster.membership.view,
             ssh_fingerprint=fingerprint, ssh_port=ssh_port,
-            limiter=FailureLimiter(reactor, "admin API key"),
+            limiter=limiter("admin API key"),
         )
     if interface is not None and admin_api is not None and config.admin_port == config.admin_api_port:
         parts.add_listener(

@@ -236,6 +236,21 @@ class ConnectionRegistry(MultiService):
         return [tid for tid, s in self._tunnels.items()
                 if any(c.local for c in s.connections.values())]
 
+    def connected_counts(self):
+        """(tunnels this node holds alive connections of, tunnels connected anywhere)."""
+        local = cluster = 0
+        for state in self._tunnels.values():
+            if state.connected:
+                cluster += 1
+                if state.local_alive:
+                    local += 1
+        return local, cluster
+
+    def alive_local_connections(self):
+        """The `ITunnelConnection` objects this node holds, alive."""
+        return [c.conn for s in self._tunnels.values() for c in s.connections.values()
+                if c.local and c.connected and c.conn is not None]
+
     def announcement(self, tunnel_id):
         """``{tunnel_id, connections}`` of the local connections, for the bus."""
         state = self._tunnels.get(tunnel_id)

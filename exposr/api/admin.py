@@ -1,7 +1,9 @@
 """The admin interface (``/ping``, ``/health``) and the admin API (``/v1/admin/...``).
 
-* ``AdminInterface(readiness)``: ``/ping`` 200 once started, ``/health`` 200
-  while ready, everything else 404.
+* ``AdminInterface(readiness, metrics=None)``: ``/ping`` 200 once started,
+  ``/health`` 200 while ready, ``/metrics`` the Prometheus text exposition of
+  ``metrics`` (a ``prometheus_client`` registry; 404 without one), everything
+  else 404. No key is asked for any of them.
 * ``AdminAPI(config, accounts, tunnels, registry, nodes=None,
   ssh_fingerprint=None)``: the ``/v1/admin/...`` routes.
 * ``admin_resource(interface=None, api=None)``: one resource routing by path,
@@ -40,8 +42,9 @@ log = Logger(namespace="exposr.api.admin")
 
 
 class AdminInterface:
-    def __init__(self, readiness):
+    def __init__(self, readiness, metrics=None):
         self.readiness = readiness
+        self.metrics = metrics
         self.app = app = Klein()
         install_not_found(app)
 
@@ -52,6 +55,19 @@ class AdminInterface:
         @app.route("/health", methods=["GET"])
         def health(request):
             return status_response(request, 200 if self.readiness.ready else 404)
+
+        @app.route("/metrics", methods=["GET"])
+        def metrics(request):
+            if self.metrics is None:
+                return status_response(request, 404)
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            body = generate_latest(self.metrics)
+            request.setResponseCode(200)
+            request.responseHeaders.removeHeader(b"server")
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return body
 
     def resource(self):
         return app_resource(self.app)
@@ -361,7 +377,7 @@ class AdminAPI:
 
 
 class _PathRouter(Resource):
-    """Routes ``/ping`` and ``/health`` to the interface, the rest to the API."""
+    """Routes ``/ping``, ``/health`` and ``/metrics`` to the interface, the rest to the API."""
 
     isLeaf = True
 
@@ -372,7 +388,7 @@ class _PathRouter(Resource):
 
     def render(self, request):
         path = request.path.split(b"?", 1)[0]
-        if path in (b"/ping", b"/health"):
+        if path in (b"/ping", b"/health", b"/metrics"):
             target = self._interface
         else:
             target = self._api
@@ -384,7 +400,7 @@ class _PathRouter(Resource):
 def admin_resource(interface=None, api=None):
     """
     One resource for the admin port: ``interface`` (`AdminInterface`) answers
-    ``/ping`` and ``/health``, ``api`` (`AdminAPI`) everything else; either
+    ``/ping``, ``/health`` and ``/metrics``, ``api`` (`AdminAPI`) everything else; either
     may be None (disabled), which answers 404.
     """
     return _PathRouter(interface, api)

@@ -13,6 +13,7 @@ carries a stream.
 
 import json
 import time
+from bisect import bisect_left
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -122,7 +123,7 @@ class Upstream(protocol.Protocol):
             self.transport.loseConnection()
             return
         if self.parser is None:  # an upgraded stream: raw both ways
-            session.received += 1  # activity, for the idle timeout
+            session.raw_out += len(data)  # activity, for the idle timeout (and bytes out)
             session.transport.write(data)
             return
         try:
@@ -243,12 +244,14 @@ class UpstreamPool:
 class HTTPIngress:
     """Routing by Host through the domain router, and this node's upstream pools.
 
-    ``HTTPIngress(config, router, node_id, clock, access_log=None)``: the
-    router (`exposr.router.Router`) decides where a tunnel's requests go;
-    ``access_log`` writes one record per request (`exposr.log.AccessLog`).
+    ``HTTPIngress(config, router, node_id, clock, access_log=None, stats=None)``:
+    the router (`exposr.router.Router`) decides where a tunnel's requests go;
+    ``access_log`` writes one record per request (`exposr.log.AccessLog`);
+    ``stats`` (`exposr.stats.RequestStats`, or None to count nothing) counts
+    requests, durations and bytes for the metrics.
     """
 
-    def __init__(self, config, router, node_id, clock, access_log=None):
+    def __init__(self, config, router, node_id, clock, access_log=None, stats=None):
         from urllib.parse import urlsplit
 
         self.config = config
@@ -267,6 +270,7 @@ class HTTPIngress:
         self.node_id = node_id
         self.clock = clock
         self.access_log = access_log if access_log is not None else _default_access_log
+        self.stats = stats
         self.domain = (urlsplit(config.ingress_http_url).hostname or "").lower()
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.rewriter = forwarding.Rewriter(node_id)
@@ -360,7 +364,13 @@ class HTTPIngress:
         return d
 
     def _session_closed(self, session):
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            stats = self.stats
+            if stats is not None:
+                # the bytes of open sessions are counted at scrape time, of closed ones here
+                stats.bytes_in += session.received
+                stats.bytes_out += session.raw_out + session.other_out
         if self.draining and not self.sessions:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -427,12 +437,16 @@ class IngressSession(protocol.Protocol):
         self.deadline = None  # when the head timer expires; None while a request runs
         self.close_after = False
         self.response_started = False
-        # progress of the body / upgraded stream: `received` counts reads
-        # (client bytes while a body comes, reads both ways once upgraded),
-        # checked by the one connection timer at the end of each window
+        # progress of the body / upgraded stream: `received` counts client
+        # bytes, `raw_out` the target's bytes once upgraded; checked by the
+        # one connection timer at the end of each window
         self.received = 0
+        self.raw_out = 0
         self.mark = 0
         self.window_start = None
+        # bytes out besides `raw_out`: response heads, the ingress's own
+        # answers, and (once a request ends, with stats) its response body
+        self.other_out = 0
 
     def connectionMade(self):
         # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
@@ -446,6 +460,8 @@ class IngressSession(protocol.Protocol):
         # would hold the second write for the client's delayed ACK (40 ms)
         no_delay(self.transport)
         self.ingress.sessions.add(self)
+        if self.ingress.stats is not None:
+            self.ingress.stats.connections += 1
         self.gate = _Gate(self.transport)
         self.upstream_reader = _ReasonProducer(self.gate, "upstream")
         self.peer_ip = getattr(self.transport.getPeer(), "host", "")
@@ -488,7 +504,7 @@ class IngressSession(protocol.Protocol):
         """A request body starts coming, or the connection was upgraded: check its progress."""
         clock = self.ingress.clock
         self.window_start = clock.seconds()
-        self.mark = self.received
+        self.mark = self.received + self.raw_out
         self.gate.held = False
         window = self._window()
         if self.timer is None:
@@ -511,7 +527,7 @@ class IngressSession(protocol.Protocol):
         if elapsed < window:  # a timer armed for something else: a full window first
             self.timer = clock.callLater(window - elapsed, self._head_timer)
             return
-        got = self.received - self.mark
+        got = self.received + self.raw_out - self.mark
         if self.state == FORWARD:
             # bytes of the body; no blame while the ingress paused reading
             enough = got >= max(1, self.ingress.body_min_rate * elapsed) or self.gate.held or self.gate.reasons
@@ -527,7 +543,7 @@ class IngressSession(protocol.Protocol):
             self.transport.abortConnection()
             return
         self.window_start = now
-        self.mark = self.received
+        self.mark = self.received + self.raw_out
         self.gate.held = False
         self.timer = clock.callLater(window, self._head_timer)
 
@@ -535,7 +551,7 @@ class IngressSession(protocol.Protocol):
         self.timer = None
         if self.state == IDLE:
             if self.parser.in_message:
-                self.transport.write(json_response(408, {"error": "REQUEST_TIMEOUT"}, close=True))
+                self._answer(json_response(408, {"error": "REQUEST_TIMEOUT"}, close=True))
             self._close()
 
     # -- client bytes ---------------------------------------------------------
@@ -576,7 +592,7 @@ class IngressSession(protocol.Protocol):
 
     def _client_error(self, e):
         if self.state in (IDLE, ROUTING) and not self.response_started:
-            self.transport.write(json_response(e.status, {"error": "BAD_REQUEST", "detail": e.reason}, close=True))
+            self._answer(json_response(e.status, {"error": "BAD_REQUEST", "detail": e.reason}, close=True))
         self._close()
 
     # -- a request -------------------------------------------------------------
@@ -711,7 +727,7 @@ class IngressSession(protocol.Protocol):
         # the request body (if any) was not read: the connection cannot continue
         body_pending = self.upgrade or head.chunked or bool(head.content_length)
         close = body_pending or not self.request_persistent or err.status == 421
-        self.transport.write(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
+        self._answer(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
         self._access()
         if close or self.ingress.draining:
             self._close()
@@ -742,6 +758,7 @@ class IngressSession(protocol.Protocol):
                 if status < 200 and status != 101:  # interim (1xx)
                     self.response_started = True
                     out.append(head.raw)
+                    self.other_out += len(head.raw)
                     continue
                 if up.parser.raw_mode:  # 101, or 2xx to CONNECT
                     if not self.upgrade or status == 101 and self.request.method == b"CONNECT":
@@ -759,6 +776,7 @@ class IngressSession(protocol.Protocol):
                     out.append(head.serialize())
                 else:
                     out.append(head.raw)
+                self.other_out += len(out[-1])
             elif t is End:
                 done = True
                 break
@@ -786,6 +804,11 @@ class IngressSession(protocol.Protocol):
 
     def _write(self, data):
         write_now(self.transport, data)
+
+    def _answer(self, data):
+        """Write an answer of the ingress's own (an error)."""
+        self.other_out += len(data)
+        self.transport.write(data)
 
     def _response_done(self):
         up = self.up
@@ -843,7 +866,7 @@ class IngressSession(protocol.Protocol):
             return
         log.info("tunnel {tunnel}: upstream failed before a response: {why}", tunnel=self.tunnel_id, why=why)
         self.status = 502
-        self.transport.write(json_response(502, {"error": code}, version=self.request.version, close=True))
+        self._answer(json_response(502, {"error": code}, version=self.request.version, close=True))
         self._access()
         self._close()
 
@@ -861,14 +884,25 @@ class IngressSession(protocol.Protocol):
         head = self.request
         if head is None:
             return
-        self.ingress.access_log(
+        elapsed = time.monotonic() - self.started
+        ingress = self.ingress
+        stats = ingress.stats
+        if stats is not None:
+            # a few integer additions per request; the metrics read them at
+            # scrape time (the bytes of open connections from the sessions)
+            status = self.status
+            stats.classes[status // 100 if status is not None else 0] += 1
+            stats.duration_counts[bisect_left(stats.duration_bounds, elapsed)] += 1
+            stats.duration_sum += elapsed
+            self.other_out += self.sent
+        ingress.access_log(
             head.method.decode("latin-1"),
             head.target.decode("latin-1"),
             self.status,
             getattr(self, "tunnel_id", None),
             getattr(self, "client_ip", self.peer_ip),
             self.sent,
-            round((time.monotonic() - self.started) * 1000, 1),
+            round(elapsed * 1000, 1),
         )
 
     # -- connection end --------------------------------------------------------

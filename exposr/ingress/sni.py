@@ -135,6 +135,9 @@ class SNIIngressFactory(Factory):
         self.tls_factory = TLSMemoryBIOFactory(certificates, False, self, clock=reactor)
         self.connections = set()
         self._drained = []
+        # for the metrics: connections accepted, and refused before the handshake
+        self.accepted = 0
+        self.refused = 0
 
     def drain(self):
         """Shutting down: close the sessions that carry nothing yet (before or
@@ -236,6 +239,7 @@ class SNIProtocol(Protocol):
     def connectionMade(self):
         f = self.factory
         f.connections.add(self)
+        f.accepted += 1
         self.peer = self.transport.getPeer()
         no_delay(self.transport)  # small TLS records go out at once
         self._parser = ClientHelloParser(max_size=f.max_hello_size)
@@ -454,6 +458,8 @@ class SNIProtocol(Protocol):
 
     def _refuse(self, message):
         """Close before the TLS handshake completes: the client sees a reset/EOF."""
+        if self._state != "closed":
+            self.factory.refused += 1
         self._fail(message)
 
     def _fail(self, message, abort=False, level="info"):

@@ -17,7 +17,15 @@
   held, invalid cursor) do not count.
 
 ``open``, ``close`` and everything else go to the wrapped storage unchanged.
+
+For the metrics it counts, as plain numbers read at scrape time:
+``durations[call]`` (`exposr.stats.Durations` of the calls that finished in
+time, answers and failures alike), ``timeouts`` (deadlines passed),
+``unavailable`` (calls the store failed with `StorageUnavailable`) and
+``short_circuited`` (calls refused at once while the circuit is open).
 """
+
+import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from exposr.errors import StorageUnavailable
+from exposr.stats import Durations
 from exposr.storage.base import IStorage
 
 log = Logger(namespace="exposr.storage")
@@ -50,8 +59,11 @@ class GuardedStorage:
         self.open_until = None  # clock time the circuit is open until
         self.probing = False
         self.short_circuited = 0  # calls refused at once (for metrics)
+        self.timeouts = 0
+        self.unavailable = 0
+        self.durations = {name: Durations() for name in _CALLS}
         for name in _CALLS:
-            setattr(self, name, self._guarded(getattr(storage, name)))
+            setattr(self, name, self._guarded(name, getattr(storage, name)))
 
     def __getattr__(self, name):
         return getattr(self.storage, name)
@@ -70,7 +82,7 @@ class GuardedStorage:
     def circuit_open(self):
         return self.open_until is not None
 
-    def _guarded(self, call):
+    def _guarded(self, name, call):
         def guarded(*args, **kwargs):
             if self.open_until is not None:
                 if self.clock.seconds() < self.open_until or self.probing:
@@ -79,8 +91,11 @@ class GuardedStorage:
                 self.probing = True
             answer = defer.Deferred()
             timer = self.clock.callLater(self.timeout, self._expired, answer)
-            defer.maybeDeferred(call, *args, **kwargs).addBoth(self._finished, answer, timer)
+            defer.maybeDeferred(call, *args, **kwargs).addBoth(
+                self._finished, answer, timer, durations, time.monotonic())
             return answer
+
+        durations = self.durations[name]
 
         guarded.__name__ = call.__name__
         return guarded
@@ -89,14 +104,17 @@ class GuardedStorage:
         # the backend's own work goes on (it is not cancelled: a backend may
         # hold a pool slot or a lock); its late result is dropped
         failure = Failure(StorageUnavailable(f"no answer from storage within {self.timeout:g} s"))
+        self.timeouts += 1
         self._failed(failure)
         answer.errback(failure)
 
-    def _finished(self, result, answer, timer):
+    def _finished(self, result, answer, timer, durations, started):
         if answer.called:
             return None  # too late: already answered unavailable
         timer.cancel()
+        durations.observe(time.monotonic() - started)
         if isinstance(result, Failure) and result.check(StorageUnavailable):
+            self.unavailable += 1
             self._failed(result)
         else:
             self._succeeded()
