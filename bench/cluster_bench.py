@@ -3,7 +3,10 @@
 Starts two ``exposrd`` nodes on 127.0.0.1 (A) and 127.0.0.2 (B) with the same
 ports, Redis storage (127.0.0.1:6379, db 0 by default; only this run's
 records are written and they are deleted at the end) and a Redis pub/sub bus
-on a channel of this run, the raw 100-byte target of `http_bench`, and one
+on a channel of this run (``--bus redis``, the default) or the UDP bus
+(``--bus udp``: multicast discovery on loopback, TTL 0, a group of
+239.0.0.0/8 and a UDP port chosen per run, each node's group interface its
+own 127.0.0.N), the raw 100-byte target of `http_bench`, and one
 ``exposr`` client holding the tunnel on A. Then ``wrk --latency`` at
 ``--connections`` (default 10) entering at A (served locally) and at B
 (forwarded to A over a peer connection), first with keep-alive, then with a
@@ -11,7 +14,7 @@ new connection per request (``Connection: close``), and prints req/s and
 p50/p99 with the ratio non-owner/owner. The aim: non-owner >= 0.5 x owner req/s.
 
     .venv/bin/python bench/cluster_bench.py [--duration 10] [--connections 10] [--redis-db 0]
-        [--log-level info]
+        [--bus redis|udp] [--log-level info]
 
 Needs ``wrk`` on the PATH (``apt-get install -y wrk``) and Redis on 127.0.0.1:6379.
 """
@@ -20,6 +23,7 @@ import argparse
 import base64
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -68,6 +72,24 @@ def same_free_ports(count, addresses):
     return ports
 
 
+def free_udp_port():
+    """A UDP port free on 0.0.0.0 right now (the UDP bus binds the wildcard)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def bus_argv(bus, redis_db, token):
+    """The options selecting the cluster bus, the same on every node."""
+    if bus == "redis":
+        return ["--cluster", "redis", "--cluster-redis-url", f"redis://127.0.0.1:6379/{redis_db}",
+                "--cluster-redis-channel", f"exposr-bench-{token}"]
+    group = "239.%d.%d.%d" % (random.randrange(1, 255), random.randrange(256), random.randrange(1, 255))
+    return ["--cluster", "udp", "--cluster-udp-port", str(free_udp_port()),
+            "--cluster-udp-discovery", "multicast", "--cluster-udp-discovery-multicast-group", group,
+            "--cluster-udp-discovery-multicast-ttl", "0"]
+
+
 def http_json(url, method="GET", body=None, headers=None):
     req = urllib.request.Request(url, method=method, data=body, headers=headers or {})
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -105,6 +127,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--redis-db", type=int, default=0)
+    ap.add_argument("--bus", choices=("redis", "udp"), default="redis",
+                    help="cluster bus: Redis pub/sub, or UDP with multicast discovery on loopback")
     ap.add_argument("--log-level", default="info", help="exposrd --log-level (default info)")
     args = ap.parse_args()
     for tool in ("wrk", "redis-cli"):
@@ -131,11 +155,11 @@ def main():
         wait_port(tport)
         port, admin = same_free_ports(2, [A, B])
         nodes = {}
+        bus = bus_argv(args.bus, args.redis_db, token)
         for name, ip in (("A", A), ("B", B)):
             nodes[name] = start([
                 py, "-c", "from exposr.script import main; main()",
-                "--cluster", "redis", "--cluster-redis-url", f"redis://127.0.0.1:6379/{args.redis_db}",
-                "--cluster-redis-channel", f"exposr-bench-{token}", "--cluster-key", "bench-key",
+                *bus, "--cluster-key", "bench-key",
                 "--cluster-node-ip", ip, "--listen-address", ip, "--cluster-discovery-wait", "0",
                 "--storage-url", f"redis://127.0.0.1:6379/{args.redis_db}",
                 "--api-port", str(port), "--ingress-http-port", str(port),
@@ -175,7 +199,7 @@ def main():
             rows.append((label, res["owner"], res["peer"]))
 
         c = args.connections
-        print(f"{c} connections, {args.duration} s each; entering at the owner A vs the non-owner B")
+        print(f"{c} connections, {args.duration} s each, {args.bus} bus; entering at the owner A vs the non-owner B")
         print(f"{'':22}{'owner A':>14}{'non-owner B':>14}{'B/A':>8}")
         for label, o, p in rows:
             print(f"{label:<14}req/s  {o['rps']:>14.0f}{p['rps']:>14.0f}{p['rps'] / o['rps']:>8.2f}")

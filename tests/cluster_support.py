@@ -2,15 +2,21 @@
 
 `Cluster(test, n=3, ...)` starts ``n`` nodes on 127.0.0.1, 127.0.0.2, ... with
 identical port numbers (the cluster forwards to a peer's ingress on this
-node's own port number), one shared storage and a Redis pub/sub bus on a
-channel of this run only, then waits until every node lists every other one
-in ``GET /v1/admin/cluster``. Everything it starts is stopped when the test
+node's own port number), one shared storage and a bus of this run only, then
+waits until every node lists every other one in ``GET /v1/admin/cluster``.
+The bus (``bus=``): ``"redis"`` (pub/sub on a channel of this run),
+``"udp-multicast"`` (``--cluster udp`` with multicast discovery on a group of
+239.0.0.0/8 and a UDP port chosen per run, TTL 0, each node's group interface
+the loopback address it advertises: nothing leaves the host) or
+``"udp-kubernetes"`` (``--cluster udp`` with Kubernetes discovery against a
+``twisted.names`` server of the test answering the headless service with the
+nodes' addresses, the namespace file a temporary file). Everything it starts is stopped when the test
 ends (SIGTERM, SIGKILL after a bound) and every storage record it made is
 removed: Redis storage by key (tunnel ids carry the run's token, accounts are
 remembered), PostgreSQL storage by dropping the run's schema.
 
-Isolation from concurrent runs on this machine: the bus channel and the
-tunnel ids carry a random token; Redis storage uses db 0 (not one of the dbs
+Isolation from concurrent runs on this machine: the bus channel (or UDP port
+and multicast group) and the tunnel ids carry a random token; Redis storage uses db 0 (not one of the dbs
 the storage tests flush; ``EXPOSR_TEST_CLUSTER_E2E_REDIS_DB`` overrides it)
 and is never flushed.
 
@@ -33,6 +39,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from tests import e2e_support as e2e
 from tests.e2e_support import within
+from tests.test_cluster_udp import free_udp_port, random_group
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_DB = int(os.environ.get("EXPOSR_TEST_CLUSTER_E2E_REDIS_DB", "0"))
@@ -234,10 +241,7 @@ class Node:
 
     def argv(self):
         c = self.cluster
-        args = [
-            "--cluster", "redis",
-            "--cluster-redis-url", c.bus_url,
-            "--cluster-redis-channel", c.channel,
+        args = c.bus_argv() + [
             "--cluster-key", self.key,
             "--cluster-node-ip", self.ip,
             "--cluster-discovery-wait", "0",
@@ -398,8 +402,14 @@ class Cluster:
     to enable the SNI ingress; ``max_connections``: ``--transport-max-connections``.
     """
 
-    def __init__(self, test, n=3, storage="redis", bus_url=None, sni=None, max_connections=None, extra=()):
+    BUSES = ("redis", "udp-multicast", "udp-kubernetes")
+
+    def __init__(self, test, n=3, storage="redis", bus_url=None, sni=None, max_connections=None, extra=(),
+                 bus="redis"):
+        if bus not in self.BUSES:
+            raise ValueError(bus)
         self.test = test
+        self.bus = bus
         self.n = n
         self.storage = storage
         self.token = run_token()
@@ -426,10 +436,15 @@ class Cluster:
     def start(self):
         self.test.addCleanup(self.cleanup)
         yield self._open_storage()
-        self.tap = yield redis_connect(ChannelTap(self.channel), *self._bus_address())
-        yield within(self.tap.subscribed)
+        if self.bus == "redis":
+            self.tap = yield redis_connect(ChannelTap(self.channel), *self._bus_address())
+            yield within(self.tap.subscribed)
+        elif self.bus == "udp-kubernetes":
+            self._start_dns()
         for attempt in range(3):
             self.port, self.admin_port, self.sni_port = free_ports(3)
+            self.udp_port = free_udp_port()
+            self.group = random_group()
             self.nodes = [Node(self, i, ADDRESSES[i], CLUSTER_KEY) for i in range(self.n)]
             try:
                 yield defer.gatherResults([node.start() for node in self.nodes], consumeErrors=True)
@@ -444,6 +459,38 @@ class Cluster:
             node.node_id = yield self._own_id(node)
         yield self.wait_discovery(self.nodes)
         return self
+
+    # -- the bus -------------------------------------------------------------------
+
+    SERVICE, NAMESPACE = "exposr-e2e-headless", "e2e"
+
+    def _start_dns(self):
+        from tests.test_cluster_discovery import Zone, start_dns
+
+        self.zone = Zone()
+        self.zone.set(self.headless, *ADDRESSES[:self.n])
+        self.dns = "%s:%d" % start_dns(self.test, self.zone)
+        self.namespace_file = os.path.abspath(self.test.mktemp())
+        with open(self.namespace_file, "w") as f:
+            f.write(self.NAMESPACE)
+
+    headless = property(lambda self: f"{self.SERVICE}.{self.NAMESPACE}.svc.cluster.local")
+
+    def bus_argv(self):
+        """The options selecting this run's bus (the same on every node)."""
+        if self.bus == "redis":
+            return ["--cluster", "redis", "--cluster-redis-url", self.bus_url,
+                    "--cluster-redis-channel", self.channel]
+        args = ["--cluster", "udp", "--cluster-udp-port", str(self.udp_port)]
+        if self.bus == "udp-multicast":
+            return args + ["--cluster-udp-discovery", "multicast",
+                           "--cluster-udp-discovery-multicast-group", self.group,
+                           "--cluster-udp-discovery-multicast-ttl", "0"]
+        return args + ["--cluster-udp-discovery", "kubernetes",
+                       "--cluster-udp-discovery-kubernetes-service", self.SERVICE,
+                       "--cluster-udp-discovery-kubernetes-namespace", self.NAMESPACE,
+                       "--cluster-udp-discovery-kubernetes-namespace-file", self.namespace_file,
+                       "--dns-server", self.dns]
 
     def _bus_address(self):
         m = re.match(r"redis://([^:/]+):(\d+)", self.bus_url)
@@ -466,6 +513,8 @@ class Cluster:
         """One more node (same ports, storage, channel), e.g. with a wrong ``key``."""
         node = Node(self, len(self.nodes), ip or ADDRESSES[len(self.nodes)], key)
         self.nodes.append(node)
+        if self.bus == "udp-kubernetes":
+            self.zone.set(self.headless, *sorted({n.ip for n in self.nodes}))
         try:
             yield node.start()
         except Exception as e:

@@ -10,7 +10,15 @@
   Kubernetes discovery against a DNS server of the test answering the headless
   service with the three addresses, storage on the real Redis: they become
   ready and list each other in ``GET /v1/admin/cluster``;
-* forcing Kubernetes discovery outside Kubernetes fails start-up.
+* forcing Kubernetes discovery outside Kubernetes fails start-up;
+* three real nodes on the UDP bus through the multi-node harness
+  (`tests.cluster_support.Cluster` with ``bus="udp-multicast"`` and
+  ``bus="udp-kubernetes"``, shared Redis storage): a tunnel held by A is served
+  byte exact through B and C; after a SIGKILL of C the others mark it stale
+  (30 s without heartbeat, in real time);
+* stale, then removed, on the reference's timers (30 s, 60 s) with two real
+  UDP buses in this process on 127.0.0.1/2 (multicast, TTL 0) and a `Clock`
+  for the membership timers.
 
 The nodes only open the Redis storage (127.0.0.1:6379, the db
 test_storage_cluster.py uses for this worker): they SELECT and PING, write
@@ -25,11 +33,13 @@ import re
 import signal
 import socket
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from exposr.cluster.bus import LocalBus
+from exposr.cluster.nodes import REMOVE_AFTER, STALE_AFTER
+from exposr.cluster.service import ClusterService
 from exposr.cluster.discovery import KubernetesDiscovery, MulticastDiscovery
 from exposr.cluster.udpbus import UDPBus
 from exposr.components import _cluster
@@ -37,8 +47,10 @@ from exposr.connections import ConnectionRegistry
 from exposr.node import Node
 from exposr.options import parse_config
 from tests import procs
+from tests import test_cluster_e2e as ce
+from tests.cluster_support import Cluster, poll_until
 from tests.test_cluster_discovery import Zone, start_dns
-from tests.test_cluster_udp import free_udp_port
+from tests.test_cluster_udp import RegistryStub, free_udp_port, node, random_group
 from tests.test_storage_cluster import REDIS_DB
 
 URL = "http://example.test"
@@ -223,3 +235,130 @@ class ThreeProcessTests(unittest.TestCase):
         self.assertIn(b"Failed to start up: Selected peer discovery method kubernetes could not be used",
                       proto.output)
         self.assertNotIn(b"Traceback", proto.output)
+
+
+class _ThroughPeers:
+    """A tunnel held by node A, used through B and C, on the UDP bus (``bus``)."""
+
+    bus = None
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield ce._Base.setUp(self)
+        self.c = yield self.cluster(bus=self.bus)
+        self.a, self.b, self.c_ = self.c.nodes
+
+    @defer.inlineCallbacks
+    def test_tunnel_on_a_served_through_b_and_c(self):
+        tunnel_id, _, _ = yield self.tunnel_on(self.c, self.a, "web")
+        for n in (self.b, self.c_):
+            yield self.reachable(n, tunnel_id)
+            yield self.assertGetExact(n, tunnel_id, 300_000)
+        # B and C forwarded: every connection of the tunnel (the client opens two) is A's, as every node sees it
+        seen = yield self.c.wait_alive(self.c.nodes, tunnel_id, 2)
+        self.assertEqual(seen, {"A": 2, "B": 2, "C": 2})
+        for n in self.c.nodes:
+            held_by = {c["node_id"] for c in (yield n.alive_connections(tunnel_id))}
+            self.assertEqual(held_by, {self.a.node_id}, n)
+        for n in self.c.nodes:
+            self.assertIn(b"Cluster mode udp", n.proc.output)
+            self.assertNotIn(b"Traceback", n.proc.output)
+
+
+class MulticastThroughPeersTests(_ThroughPeers, ce._Base):
+    bus = "udp-multicast"
+
+    @defer.inlineCallbacks
+    def test_a_killed_node_is_marked_stale_by_the_others(self):
+        for n in self.c.nodes:
+            self.assertIn(b"multicast discovery (forced): group %s" % self.c.group.encode(), n.proc.output)
+        yield self.c_.kill()
+        started = reactor.seconds()
+
+        @defer.inlineCallbacks
+        def views():
+            out = []
+            for n in (self.a, self.b):
+                listed = yield n.cluster_view()
+                out.append({e["node_id"]: e["is_stale"] for e in listed})
+            return out
+
+        # stale once 30 s passed without its heartbeat (heartbeats every 9.5 s): 20.5 to 30 s after the kill
+        last = yield poll_until(views, lambda vs: all(v.get(self.c_.node_id) for v in vs), STALE_AFTER + 15,
+                                interval=0.5, what="C stale on A and B")
+        self.assertGreaterEqual(reactor.seconds() - started, STALE_AFTER - 9.5 - 1)
+        for v in last:  # still listed, A and B fresh
+            self.assertEqual(v, {self.a.node_id: False, self.b.node_id: False, self.c_.node_id: True})
+
+
+class KubernetesThroughPeersTests(_ThroughPeers, ce._Base):
+    bus = "udp-kubernetes"
+
+    @defer.inlineCallbacks
+    def test_tunnel_on_a_served_through_b_and_c(self):
+        yield _ThroughPeers.test_tunnel_on_a_served_through_b_and_c(self)
+        for n in self.c.nodes:
+            self.assertIn(b"kubernetes discovery (forced): " + self.c.headless.encode(), n.proc.output)
+        self.assertIn((self.c.headless, "A"), self.c.zone.queries)
+
+
+class StaleThenRemovedTests(unittest.TestCase):
+    """
+    Two `ClusterService` nodes on real UDP buses (multicast on loopback, TTL 0),
+    their membership timers on a `Clock`: the bus I/O is real, the 30 s and
+    60 s are the Clock's.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        port, group = free_udp_port(), random_group()
+        self.clock = task.Clock()
+        self.services = []
+        for n in (1, 2):
+            bus = UDPBus(node(n), CLUSTER_KEY, reactor, MulticastDiscovery(group), port=port,
+                         multicast_group=group, multicast_ttl=0)
+            service = ClusterService(bus, node(n), RegistryStub(0, 0), self.clock)
+            service.startService()
+            self.addCleanup(lambda s=service: s.stopService() if s.running else None)
+            yield service.bus_ready().addTimeout(10, reactor)
+            self.services.append(service)
+
+    def listed(self, service):
+        return {e["node_id"]: e["is_stale"] for e in service.membership.view()}
+
+    @defer.inlineCallbacks
+    def test_stopped_node_is_stale_after_30_s_and_removed_after_60_s(self):
+        one, two = self.services
+        for service in (one, two):  # the start-up heartbeats cross
+            service.heartbeat()
+        yield poll_until(lambda: defer.succeed((self.listed(one), self.listed(two))),
+                         lambda v: len(v[0]) == 2 and len(v[1]) == 2, 10, interval=0.05,
+                         what="both nodes listing each other")
+        yield two.stopService()
+        self.assertEqual(self.listed(one), {node(1).id: False, node(2).id: False})
+
+        self.clock.advance(STALE_AFTER - 0.1)
+        self.assertEqual(self.listed(one), {node(1).id: False, node(2).id: False})
+        self.assertEqual(one.membership.address(node(2).id), "127.0.0.2")
+        self.clock.advance(0.1)
+        self.assertEqual(self.listed(one), {node(1).id: False, node(2).id: True})
+        self.assertIsNone(one.membership.address(node(2).id))  # nothing forwarded to a stale node
+        self.assertEqual(one.membership.fresh_ips(), ["127.0.0.1"])
+
+        self.clock.advance(REMOVE_AFTER - STALE_AFTER - 0.1)
+        self.assertIn(node(2).id, self.listed(one))
+        self.clock.advance(0.1)
+        self.assertEqual(self.listed(one), {node(1).id: False})
+
+    @defer.inlineCallbacks
+    def test_a_heartbeat_makes_a_stale_node_fresh(self):
+        one, two = self.services
+        yield poll_until(lambda: defer.succeed(self.listed(one)), lambda v: len(v) == 2, 10, interval=0.05,
+                         what="node 1 listing node 2")
+        self.clock.advance(STALE_AFTER)
+        self.assertTrue(self.listed(one)[node(2).id])
+        two.heartbeat()  # real datagram
+        yield poll_until(lambda: defer.succeed(self.listed(one)), lambda v: v.get(node(2).id) is False, 10,
+                         interval=0.05, what="node 2 fresh again")
+        self.clock.advance(REMOVE_AFTER - STALE_AFTER)
+        self.assertIn(node(2).id, self.listed(one))  # the heartbeat re-armed the removal timer
