@@ -23,7 +23,7 @@ from zope.interface import implementer
 from exposr import errors
 from exposr.log import AccessLog
 from exposr.router import Reason, Refusal
-from exposr.ingress import forwarding, httphead
+from exposr.ingress import errorpage, forwarding, httphead
 from exposr.sockwrite import no_delay, write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
@@ -72,6 +72,26 @@ def json_response(status, body, version=b"HTTP/1.1", close=False):
             b"\r\n", payload,
         )
     )
+
+
+def html_response(status, page, version=b"HTTP/1.1", close=False):
+    return b"".join(
+        (
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n",
+            b"Content-Type: text/html; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(page),
+            b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
+            b"\r\n", page,
+        )
+    )
+
+
+def error_response(status, code, head, upgrade, tunnel_id=None, version=b"HTTP/1.1", close=False):
+    """An ingress error: an HTML page to a browser (`errorpage.prefers_html`),
+    else the JSON body; an upgrade request always gets JSON."""
+    if head is not None and not upgrade and errorpage.prefers_html(head.headers):
+        return html_response(status, errorpage.html_page(status, code, tunnel_id), version=version, close=close)
+    return json_response(status, {"error": code}, version=version, close=close)
 
 
 def raw_error(status, code, version=b"HTTP/1.1"):
@@ -711,7 +731,9 @@ class IngressSession(protocol.Protocol):
         # the request body (if any) was not read: the connection cannot continue
         body_pending = self.upgrade or head.chunked or bool(head.content_length)
         close = body_pending or not self.request_persistent or err.status == 421
-        self.transport.write(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
+        self.transport.write(error_response(err.status, err.code, head, self.upgrade,
+                                            None if err.status == 421 else getattr(self, "tunnel_id", None),
+                                            close=close))
         self._access()
         if close or self.ingress.draining:
             self._close()
@@ -843,7 +865,8 @@ class IngressSession(protocol.Protocol):
             return
         log.info("tunnel {tunnel}: upstream failed before a response: {why}", tunnel=self.tunnel_id, why=why)
         self.status = 502
-        self.transport.write(json_response(502, {"error": code}, version=self.request.version, close=True))
+        self.transport.write(error_response(502, code, self.request, self.upgrade, self.tunnel_id,
+                                            version=self.request.version, close=True))
         self._access()
         self._close()
 
