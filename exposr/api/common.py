@@ -15,7 +15,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from exposr.api.tlds import TLDS
 from exposr import clientaddr
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
@@ -229,7 +228,13 @@ _TLD_RE = re.compile(r"[a-z](?:[a-z0-9\-]*[a-z0-9])?")
 
 
 def is_valid_domain(name):
-    """A domain name of at least two labels with a known top-level domain."""
+    """A syntactically valid domain name of at least two labels.
+
+    Any top-level domain that is a name (not all digits, so never an IPv4
+    address) is accepted: private ones too (``.test``, ``.internal``,
+    ``.lan``, ``.home.arpa``, ``.localhost``). Ownership of an alt name is
+    proven by its CNAME, not by its top-level domain.
+    """
     if not isinstance(name, str) or not name or len(name) > 256:
         return False
     try:
@@ -243,7 +248,7 @@ def is_valid_domain(name):
         if not label or len(label) > 63 or not _LABEL_RE.fullmatch(label):
             return False
     tld = labels[-1]
-    return bool(_TLD_RE.fullmatch(tld)) and tld in TLDS
+    return bool(_TLD_RE.fullmatch(tld))
 
 
 _UNRESERVED = r"A-Za-z0-9\-._~"
