@@ -208,13 +208,15 @@ class TunnelService:
         Apply a validated API body (PUT/PATCH): ``changes`` is a dict with the
         optional nested keys ``ingress.http.enabled``, ``ingress.http.alt_names``
         (list or None), ``ingress.sni.enabled``, ``target.url`` (str or None),
-        ``transport.ws.enabled``, ``transport.ssh.enabled``.
+        ``transport.ws.enabled``, ``transport.ssh.enabled``, ``access.allow``
+        (list of normalised CIDRs; None or empty removes it).
         """
         ingress = changes.get("ingress") or {}
         http = ingress.get("http") or {}
         sni = ingress.get("sni") or {}
         target = changes.get("target") or {}
         transport = changes.get("transport") or {}
+        rules = changes.get("access") or {}
 
         if http.get("enabled") is True and not (
             self.config.http_ingress_enabled and self.config.ingress_http_url
@@ -249,6 +251,17 @@ class TunnelService:
                 flags = transport.get(kind) or {}
                 if "enabled" in flags:
                     record["transport"][kind]["enabled"] = flags["enabled"]
+            if "allow" in rules:
+                current = record.get("access")
+                current = dict(current) if isinstance(current, dict) else {}
+                if rules["allow"]:
+                    current["allow"] = list(rules["allow"])
+                else:
+                    current.pop("allow", None)
+                if current:
+                    record["access"] = current
+                else:
+                    record.pop("access", None)
 
         return self.update(tunnel_id, change, account_id=account_id)
 

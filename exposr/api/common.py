@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from exposr import clientaddr
+from exposr import access, clientaddr
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
 
@@ -356,8 +356,32 @@ def validate_tunnel_body(body):
                     res["enabled"] = to_bool(flags["enabled"], path + ".enabled")
                 reject_unknown(flags, path, ("enabled",))
         reject_unknown(transport, "transport", ("ws", "ssh"))
-    reject_unknown(body, "", ("ingress", "target", "transport"))
+    if "access" in body:
+        rules = check_object(body["access"], "access", None)
+        out["access"] = {}
+        if "allow" in rules:
+            out["access"]["allow"] = _allow_list(rules["allow"], "access.allow")
+        reject_unknown(rules, "access", ("allow",))
+    reject_unknown(body, "", ("ingress", "target", "transport", "access"))
     return out
+
+
+def _allow_list(value, path):
+    """A list of CIDRs (IPv4, IPv6), normalised; None or [] clears the list."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadInput("%s must be an array" % (_label(path),))
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BadInput("%s must be a string" % (_label("%s[%d]" % (path, i)),))
+    try:
+        nets = access.normalise_allow(value)
+    except ValueError as e:
+        raise BadInput("%s must be a valid CIDR" % (_label("%s[%d]" % (path, e.args[0])),))
+    if len(nets) > access.MAX_ENTRIES:
+        raise BadInput("%s must contain less than or equal to %d items" % (_label(path), access.MAX_ENTRIES))
+    return nets
 
 
 def _alt_names(value, path):

@@ -52,6 +52,16 @@ def _altnames(key, value):
     return [n.strip() for n in value.split(",") if n.strip()]
 
 
+def _cidrs(key, value):
+    from exposr.access import parse_cidr
+
+    cidrs = [c.strip() for c in value.split(",") if c.strip()]
+    for c in cidrs:
+        if parse_cidr(c) is None:
+            raise UsageError(f"Invalid value for {key}: {c} (use CIDRs such as 203.0.113.0/24,2001:db8::/32)")
+    return cidrs
+
+
 # KEY -> (parse function, builder of the single nested PATCH body)
 SETTINGS = {
     "target-url": (lambda k, v: normalize_url(v), lambda v: {"target": {"url": v}}),
@@ -61,6 +71,7 @@ SETTINGS = {
     "ingress-http-altnames": (_altnames, lambda v: {"ingress": {"http": {"alt_names": v}}}),
     "ingress-sni": (_bool, lambda v: {"ingress": {"sni": {"enabled": v}}}),
     "ingress-sni-passthrough": (_bool, lambda v: {"ingress": {"sni": {"passthrough": v}}}),
+    "ingress-allow": (_cidrs, lambda v: {"access": {"allow": v}}),
 }
 _ALIASES = {"upstream-url": "target-url"}
 
@@ -357,6 +368,7 @@ def format_info(t):
               f"  ingress-http: {flag(http.get('enabled'))}",
               f"  ingress-http-altnames: {','.join(http.get('alt_names') or []) or '<not set>'}",
               f"  ingress-sni: {flag(((t.get('ingress') or {}).get('sni') or {}).get('enabled'))}",
+              f"  ingress-allow: {','.join((t.get('access') or {}).get('allow') or []) or '<not set>'}",
               f"  transport-ws: {flag((tr.get('ws') or {}).get('enabled'))}",
               f"  transport-ssh: {flag((tr.get('ssh') or {}).get('enabled'))}"]
     return lines

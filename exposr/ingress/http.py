@@ -42,6 +42,7 @@ _REFUSALS = {
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
     Reason.UNREACHABLE: (502, "TUNNEL_TARGET_CON_FAILED"),
     Reason.STORAGE_UNAVAILABLE: (503, "TUNNEL_LOOKUP_UNAVAILABLE"),
+    Reason.ACCESS_DENIED: (403, "TUNNEL_ACCESS_DENIED"),
 }
 
 _REASONS = {
@@ -328,11 +329,11 @@ class HTTPIngress:
             pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
-    def route(self, tunnel, tunnel_id, head, upgrade=False):
-        """The router's `Route` for a request, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
+    def route(self, tunnel, tunnel_id, head, upgrade=False, client_ip=None):
+        """The router's `Route` for a request from ``client_ip``, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
         router = self.router
         try:
-            router.check_http(tunnel, tunnel_id)
+            router.check_http(tunnel, tunnel_id, client_ip)
             if forwarding.is_loop(head, self.node_id):
                 raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
             return router.route(tunnel_id)
@@ -647,11 +648,11 @@ class IngressSession(protocol.Protocol):
     def _checked(self, tunnel, head):
         """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
         ingress = self.ingress
-        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade)
         ip = self.route_ip
         if ip is None:
             ip = self.peer_client_ip
         self.client_ip = ip
+        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip)
         # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
         upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
         # to another node: only the headers every hop adds (the owner adds the rest)
