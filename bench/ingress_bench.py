@@ -7,7 +7,11 @@ multiplexer: what is left is the Python cost of routing, forwarding-header
 rewriting, head parsing and the response path. Prints microseconds per
 request/response and, with ``--profile``, the top functions (cProfile).
 
-    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile]
+    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile] [--auth] [--allow]
+
+``--auth`` gives the tunnel HTTP basic auth (every request carries the right
+``Authorization``: the cached check), ``--allow`` an IP allow list that lets
+the client in.
 """
 
 import argparse
@@ -87,7 +91,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=100000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--auth", action="store_true", help="the tunnel has basic auth (right credentials sent)")
+    ap.add_argument("--allow", action="store_true", help="the tunnel has an IP allow list (the client on it)")
     args = ap.parse_args()
+    global REQUEST
+    if args.auth or args.allow:
+        from exposr import httpauth
+
+        rules = RECORD["access"] = {}
+        if args.auth:
+            rules["http_auth"] = {"user": "bench", "hash": httpauth.hash_password("secret")}
+            REQUEST = REQUEST[:-2] + b"Authorization: Basic YmVuY2g6c2VjcmV0\r\n\r\n"
+        if args.allow:
+            rules["allow"] = ["203.0.113.0/24", "192.168.0.0/16", "2001:db8::/32"]
     # the access records go to a throwaway JSON output of the bench's own,
     # handed to the ingress's access log explicitly (not installed globally)
     sink = log.JSONLineObserver(io.StringIO(), reactor=_NoShutdown())

@@ -111,4 +111,7 @@ def public_view(tunnel):
     allow = allow_list(tunnel)
     if allow:
         out["allow"] = list(allow)
+    auth = tunnel.get("access", {}).get("http_auth") if type(tunnel.get("access")) is dict else None
+    if type(auth) is dict and auth.get("user"):
+        out["http_auth"] = {"user": auth["user"]}  # never the hash
     return out

@@ -219,6 +219,19 @@ class CliTests(_Base):
         bodies = [json.loads(r["body"]) for r in self.api.requests if r["method"] == "PATCH"]
         self.assertEqual(bodies, [{"access": {"allow": ["203.0.113.0/24", "2001:db8::/32"]}},
                                   {"access": {"allow": None}}])
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-http-auth", "alice:pa:ss")
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "unset",
+                                            "ingress-http-auth")
+        self.assertEqual((code, err), (0, ""))
+        bodies = [json.loads(r["body"]) for r in self.api.requests if r["method"] == "PATCH"]
+        self.assertEqual(bodies[2:], [{"access": {"http_auth": {"user": "alice", "password": "pa:ss"}}},
+                                      {"access": {"http_auth": None}}])
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-http-auth", "nopassword")
+        self.assertEqual(code, 1)
+        self.assertIn("user:password", err)
         n = len(self.api.requests)
         code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
                                             "ingress-allow", "10.0.0.0/33")

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from exposr import access, clientaddr
+from exposr import access, clientaddr, httpauth
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
 
@@ -361,9 +361,27 @@ def validate_tunnel_body(body):
         out["access"] = {}
         if "allow" in rules:
             out["access"]["allow"] = _allow_list(rules["allow"], "access.allow")
-        reject_unknown(rules, "access", ("allow",))
+        if "http_auth" in rules:
+            out["access"]["http_auth"] = _http_auth(rules["http_auth"], "access.http_auth")
+        reject_unknown(rules, "access", ("allow", "http_auth"))
     reject_unknown(body, "", ("ingress", "target", "transport", "access"))
     return out
+
+
+def _http_auth(value, path):
+    """``{"user", "password"}`` (checked, not yet hashed); None removes basic auth."""
+    if value is None:
+        return None
+    auth = check_object(value, path, None)
+    reject_unknown(auth, path, ("user", "password"))
+    for key, valid, rule in (("user", httpauth.valid_user, "1 to %d characters, no colon" % httpauth.MAX_USER),
+                             ("password", httpauth.valid_password, "1 to %d bytes" % httpauth.MAX_PASSWORD)):
+        item = auth.get(key)
+        if not isinstance(item, str):
+            raise BadInput("%s must be a string" % (_label(path + "." + key),))
+        if not valid(item):
+            raise BadInput("%s must be %s" % (_label(path + "." + key), rule))
+    return {"user": auth["user"], "password": auth["password"]}
 
 
 def _allow_list(value, path):

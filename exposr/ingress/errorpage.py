@@ -59,6 +59,19 @@ _TEXTS = {
         "Unknown host",
         "This server has no tunnel for this host name.",
     ),
+    "TUNNEL_HTTP_AUTH_REQUIRED": (
+        "Sign-in required",
+        "This tunnel is protected by a user name and password. If it is yours, they are the ones set with "
+        "exposr tunnel configure ID set ingress-http-auth USER:PASSWORD.",
+    ),
+    "TUNNEL_HTTP_AUTH_FAILED": (
+        "Wrong user name or password",
+        "The user name or password is not the tunnel's. Try again.",
+    ),
+    "TUNNEL_HTTP_AUTH_RATE_LIMITED": (
+        "Too many failed sign-ins",
+        "Too many wrong passwords came from your address. Wait a little before trying again.",
+    ),
     "TUNNEL_ACCESS_DENIED": (
         "Access denied",
         "Your address is not allowed to use this tunnel. If the tunnel is yours, add the address to its "

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from exposr import errors
+from exposr import errors, httpauth
 from exposr.log import AccessLog
 from exposr.router import Reason, Refusal
 from exposr.ingress import errorpage, forwarding, httphead
@@ -47,6 +47,7 @@ _REFUSALS = {
 
 _REASONS = {
     400: b"Bad Request",
+    401: b"Unauthorized",
     403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
@@ -62,11 +63,12 @@ _REASONS = {
 }
 
 
-def json_response(status, body, version=b"HTTP/1.1", close=False):
+def json_response(status, body, version=b"HTTP/1.1", close=False, extra=b""):
+    """``extra``: more header lines (each ending in CRLF)."""
     payload = json.dumps(body, separators=(",", ":")).encode()
     return b"".join(
         (
-            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n",
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n", extra,
             b"Content-Type: application/json; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(payload),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
@@ -75,10 +77,10 @@ def json_response(status, body, version=b"HTTP/1.1", close=False):
     )
 
 
-def html_response(status, page, version=b"HTTP/1.1", close=False):
+def html_response(status, page, version=b"HTTP/1.1", close=False, extra=b""):
     return b"".join(
         (
-            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n",
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n", extra,
             b"Content-Type: text/html; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(page),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
@@ -87,12 +89,13 @@ def html_response(status, page, version=b"HTTP/1.1", close=False):
     )
 
 
-def error_response(status, code, head, upgrade, tunnel_id=None, version=b"HTTP/1.1", close=False):
+def error_response(status, code, head, upgrade, tunnel_id=None, version=b"HTTP/1.1", close=False, extra=b""):
     """An ingress error: an HTML page to a browser (`errorpage.prefers_html`),
     else the JSON body; an upgrade request always gets JSON."""
     if head is not None and not upgrade and errorpage.prefers_html(head.headers):
-        return html_response(status, errorpage.html_page(status, code, tunnel_id), version=version, close=close)
-    return json_response(status, {"error": code}, version=version, close=close)
+        return html_response(status, errorpage.html_page(status, code, tunnel_id), version=version, close=close,
+                             extra=extra)
+    return json_response(status, {"error": code}, version=version, close=close, extra=extra)
 
 
 def raw_error(status, code, version=b"HTTP/1.1"):
@@ -101,10 +104,20 @@ def raw_error(status, code, version=b"HTTP/1.1"):
 
 
 class IngressError(Exception):
-    def __init__(self, status, code):
+    def __init__(self, status, code, extra=b""):
         super().__init__(code)
         self.status = status
         self.code = code
+        self.extra = extra  # more header lines of the answer
+
+
+def _auth_refused(verdict, tunnel_id):
+    """The answer to a request that basic auth (`exposr.httpauth`) refused."""
+    if verdict == httpauth.LIMITED:
+        return IngressError(429, "TUNNEL_HTTP_AUTH_RATE_LIMITED", b"Retry-After: 1\r\n")
+    challenge = b'WWW-Authenticate: Basic realm="%s", charset="UTF-8"\r\n' % tunnel_id.encode()
+    code = "TUNNEL_HTTP_AUTH_REQUIRED" if verdict == httpauth.MISSING else "TUNNEL_HTTP_AUTH_FAILED"
+    return IngressError(401, code, challenge)
 
 
 def _refused(refusal, upgrade):
@@ -291,6 +304,7 @@ class HTTPIngress:
         self.domain = (urlsplit(config.ingress_http_url).hostname or "").lower()
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.rewriter = forwarding.Rewriter(node_id)
+        self.authorizer = httpauth.Authorizer(clock)
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
         self.sessions = set()  # open client connections
@@ -653,6 +667,30 @@ class IngressSession(protocol.Protocol):
             ip = self.peer_client_ip
         self.client_ip = ip
         route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip)
+        if "access" in tunnel:
+            auth = httpauth.rule(tunnel)
+            if auth is not None:
+                verdict = ingress.authorizer.check(auth, head.get(b"authorization"), ip)
+                if type(verdict) is str:
+                    return self._authorized(verdict, route, tunnel, head)
+                return verdict.addCallback(self._authorized, route, tunnel, head)
+        return self._forward(route, tunnel, head)
+
+    def _authorized(self, verdict, route, tunnel, head):
+        if verdict != httpauth.OK:
+            raise _auth_refused(verdict, self.tunnel_id)
+        if not route.remote:
+            # the credentials are the tunnel's, not the target's (a cluster
+            # node that holds the tunnel checks them again, and removes them)
+            head.remove(b"authorization")
+        if self.state == CLOSED:
+            return None
+        return self._forward(route, tunnel, head)
+
+    def _forward(self, route, tunnel, head):
+        """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
+        ingress = self.ingress
+        ip = self.client_ip
         # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
         upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
         # to another node: only the headers every hop adds (the owner adds the rest)
@@ -734,7 +772,7 @@ class IngressSession(protocol.Protocol):
         close = body_pending or not self.request_persistent or err.status == 421
         self.transport.write(error_response(err.status, err.code, head, self.upgrade,
                                             None if err.status == 421 else getattr(self, "tunnel_id", None),
-                                            close=close))
+                                            close=close, extra=getattr(err, "extra", b"")))
         self._access()
         if close or self.ingress.draining:
             self._close()
