@@ -7,9 +7,11 @@ on every ingress; a record without it is open, as before.
 
 `allowed(tunnel, ip)` is what an ingress asks per request or connection.
 It costs one dict lookup for a tunnel without rules. With rules, the
-parsed networks are cached by the tuple of CIDR strings (the router reuses
-a record for a couple of seconds, and the list rarely changes) and so are
-the verdicts per (list, address): a kept-alive client does not re-parse.
+verdicts per client address are cached by the identity of the record's
+list (the router reuses a record for a couple of seconds; the cache holds
+the list, so its id is not reused meanwhile), and the parsed networks by
+the tuple of CIDR strings (the list rarely changes): a kept-alive client
+costs two dict lookups.
 Entries that do not parse (a hand-edited record) match nothing, so a list
 of garbage allows no one.
 """
@@ -20,7 +22,7 @@ MAX_ENTRIES = 50  # CIDRs per tunnel
 CACHE_MAX = 10000  # cached parsed lists / verdicts (each cache is cleared when full)
 
 _networks = {}
-_verdicts = {}
+_by_list = {}  # id(allow list) -> (the list, {client address: verdict}, networks)
 
 
 def parse_cidr(text):
@@ -83,25 +85,36 @@ def allow_list(tunnel):
     return allow
 
 
+def _entry(allow):
+    try:
+        nets = networks(tuple(allow))
+    except TypeError:  # a hand-edited record with entries that are not strings
+        nets = ()
+    if len(_by_list) >= CACHE_MAX:
+        _by_list.clear()
+    entry = _by_list[id(allow)] = (allow, {}, nets)
+    return entry
+
+
 def allowed(tunnel, ip):
     """May the client address ``ip`` (a string; None or "" if unknown) use the tunnel of record ``tunnel``?"""
     access = tunnel.get("access")
-    if not access:
+    if not access or type(access) is not dict:
         return True
-    allow = allow_list(tunnel)
-    if allow is None:
+    allow = access.get("allow")
+    if not allow or type(allow) is not list:
         return True
-    try:
-        key = (tuple(allow), ip)
-        verdict = _verdicts.get(key)
-    except TypeError:  # a hand-edited record with entries that are not strings
-        return False
+    entry = _by_list.get(id(allow))
+    if entry is None or entry[0] is not allow:
+        entry = _entry(allow)
+    verdicts = entry[1]
+    verdict = verdicts.get(ip)
     if verdict is None:
         addr = _address(ip) if ip else None
-        verdict = addr is not None and any(addr in net for net in networks(key[0]))
-        if len(_verdicts) >= CACHE_MAX:
-            _verdicts.clear()
-        _verdicts[key] = verdict
+        verdict = addr is not None and any(addr in net for net in entry[2])
+        if len(verdicts) >= CACHE_MAX:
+            verdicts.clear()
+        verdicts[ip] = verdict
     return verdict
 
 

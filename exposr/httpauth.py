@@ -100,12 +100,15 @@ class Authorizer:
         if value is None:
             return MISSING
         user, hashed = auth.get("user"), auth.get("hash")
-        if not isinstance(user, str) or not isinstance(hashed, str):
-            return WRONG
         key = (user, hashed, value)
-        verdict = self._verdicts.get(key)
+        try:
+            verdict = self._verdicts.get(key)
+        except TypeError:  # a hand-edited rule
+            return WRONG
         if verdict is True:
             return OK
+        if not isinstance(user, str) or not isinstance(hashed, str):
+            return WRONG
         source = client_ip or ""
         if self.limiter.blocked(source):
             return LIMITED

@@ -468,6 +468,7 @@ class IngressSession(protocol.Protocol):
         self.received = 0
         self.mark = 0
         self.window_start = None
+        self.auth_ok = None  # (rule, Authorization value) that basic auth last let through
 
     def connectionMade(self):
         # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
@@ -668,21 +669,33 @@ class IngressSession(protocol.Protocol):
         self.client_ip = ip
         route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip)
         if "access" in tunnel:
-            auth = httpauth.rule(tunnel)
-            if auth is not None:
-                verdict = ingress.authorizer.check(auth, head.get(b"authorization"), ip)
-                if type(verdict) is str:
-                    return self._authorized(verdict, route, tunnel, head)
-                return verdict.addCallback(self._authorized, route, tunnel, head)
+            rules = tunnel["access"]
+            auth = rules.get("http_auth") if type(rules) is dict else None
+            if auth:
+                # the first Authorization is checked, every one is removed
+                found = [pair for pair in head.headers if pair[0].lower() == b"authorization"]
+                value = found[0][1] if found else None
+                last = self.auth_ok
+                if last is not None and last[0] is auth and last[1] == value:
+                    verdict = httpauth.OK  # as for the previous request of this connection
+                else:
+                    verdict = ingress.authorizer.check(auth, value, ip)
+                    if type(verdict) is not str:
+                        return verdict.addCallback(self._authorized, route, tunnel, head, found, auth)
+                return self._authorized(verdict, route, tunnel, head, found, auth)
         return self._forward(route, tunnel, head)
 
-    def _authorized(self, verdict, route, tunnel, head):
+    def _authorized(self, verdict, route, tunnel, head, found, auth):
         if verdict != httpauth.OK:
+            self.auth_ok = None
             raise _auth_refused(verdict, self.tunnel_id)
+        self.auth_ok = (auth, found[0][1])
         if not route.remote:
             # the credentials are the tunnel's, not the target's (a cluster
             # node that holds the tunnel checks them again, and removes them)
-            head.remove(b"authorization")
+            headers = head.headers
+            for pair in found:
+                headers.remove(pair)
         if self.state == CLOSED:
             return None
         return self._forward(route, tunnel, head)
