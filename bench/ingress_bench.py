@@ -10,7 +10,12 @@ request/response and, with ``--profile``, the top functions (cProfile).
 interface does; ``--compare`` alternates rounds without and with that counting
 in one run and prints the median of each.
 
-    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile] [--metrics | --compare [--rounds 7]]
+    .venv/bin/python bench/ingress_bench.py [--requests 100000] [--profile] [--auth] [--allow]
+        [--metrics | --compare [--rounds 7]]
+
+``--auth`` gives the tunnel HTTP basic auth (every request carries the right
+``Authorization``: the cached check), ``--allow`` an IP allow list that lets
+the client in.
 """
 
 import argparse
@@ -94,7 +99,19 @@ def main():
     ap.add_argument("--metrics", action="store_true", help="count requests for /metrics (as with --admin-enable)")
     ap.add_argument("--compare", action="store_true", help="rounds without and with --metrics, alternating")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of each with --compare (default 7)")
+    ap.add_argument("--auth", action="store_true", help="the tunnel has basic auth (right credentials sent)")
+    ap.add_argument("--allow", action="store_true", help="the tunnel has an IP allow list (the client on it)")
     args = ap.parse_args()
+    global REQUEST
+    if args.auth or args.allow:
+        from exposr import httpauth
+
+        rules = RECORD["access"] = {}
+        if args.auth:
+            rules["http_auth"] = {"user": "bench", "hash": httpauth.hash_password("secret")}
+            REQUEST = REQUEST[:-2] + b"Authorization: Basic YmVuY2g6c2VjcmV0\r\n\r\n"
+        if args.allow:
+            rules["allow"] = ["203.0.113.0/24", "192.168.0.0/16", "2001:db8::/32"]
     # the access records go to a throwaway JSON output of the bench's own,
     # handed to the ingress's access log explicitly (not installed globally)
     sink = log.JSONLineObserver(io.StringIO(), reactor=_NoShutdown())

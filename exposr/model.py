@@ -194,6 +194,10 @@ TUNNEL_DEFAULT = {
         "sni": {"enabled": False, "passthrough": OPTIONAL, "url": OPTIONAL, "urls": []},
     },
     "target": {"url": OPTIONAL},
+    # beyond the original: per-tunnel access rules (exposr.access), kept
+    # whole when present and absent otherwise (so records without rules
+    # are stored as before)
+    "access": OPTIONAL,
     "id": OPTIONAL,
     "account": OPTIONAL,
     # Kept on read (the original dropped them, losing created_at on update).

@@ -22,6 +22,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from exposr import access
 from exposr.endpoint import TunnelEndpoint
 
 log = Logger(namespace="exposr.router")
@@ -38,6 +39,7 @@ class Reason(enum.Enum):
     STORAGE_UNAVAILABLE = "tunnel records are unavailable (storage failing)"
     HTTP_DISABLED = "HTTP ingress not enabled"
     SNI_DISABLED = "SNI ingress not enabled"
+    ACCESS_DENIED = "the client address is not on the tunnel's allow list"
 
 
 class Refusal(Exception):
@@ -200,39 +202,44 @@ class Router:
                         return Route(endpoint, ("node", node_id), passthrough=sni, remote=True)
         raise Refusal(Reason.UNREACHABLE, tunnel_id)
 
-    def check_http(self, tunnel, tunnel_id):
-        """May an HTTP request go to the tunnel of record ``tunnel``? Else a `Refusal`.
+    def check_http(self, tunnel, tunnel_id, client_ip=None):
+        """May an HTTP request from ``client_ip`` go to the tunnel of record ``tunnel``? Else a `Refusal`.
 
-        Refused, in this order: no such tunnel, not connected, HTTP ingress
-        not enabled. (The ingress checks its own rules next, then asks for the
-        `route`.)
+        Refused, in this order: no such tunnel, the client address not on
+        the tunnel's allow list (`exposr.access`; before anything else is
+        told of the tunnel), not connected, HTTP ingress not enabled. (The
+        ingress checks its own rules next, then asks for the `route`.)
         """
         if tunnel is None:
             raise Refusal(Reason.NOT_FOUND, tunnel_id)
+        if "access" in tunnel and not access.allowed(tunnel, client_ip):
+            raise Refusal(Reason.ACCESS_DENIED, tunnel_id)
         if not self.registry.is_connected(tunnel_id):
             raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
         if not tunnel.get("ingress", {}).get("http", {}).get("enabled"):
             raise Refusal(Reason.HTTP_DISABLED, tunnel_id)
 
-    def sni_route(self, tunnel_id):
-        """A Deferred of the `Route` for a TLS connection by server name.
+    def sni_route(self, tunnel_id, client_ip=None):
+        """A Deferred of the `Route` for a TLS connection by server name from ``client_ip``.
 
-        Refused, in this order: no such tunnel, SNI ingress not enabled, not
-        connected. The route asks for passthrough when the tunnel does, and
+        Refused, in this order: no such tunnel, the client address not on
+        the tunnel's allow list, SNI ingress not enabled, not connected. The route asks for passthrough when the tunnel does, and
         always to another node: the owner gets the client's TLS bytes as they
         came (its SNI port terminates or passes them on as it would its own).
         """
         record = self.record(tunnel_id)
         if type(record) is dict:
             try:
-                return defer.succeed(self._sni_route(record, tunnel_id))
+                return defer.succeed(self._sni_route(record, tunnel_id, client_ip))
             except Refusal as e:
                 return defer.fail(e)
-        return record.addCallback(self._sni_route, tunnel_id)
+        return record.addCallback(self._sni_route, tunnel_id, client_ip)
 
-    def _sni_route(self, tunnel, tunnel_id):
+    def _sni_route(self, tunnel, tunnel_id, client_ip=None):
         if tunnel is None:
             raise Refusal(Reason.NOT_FOUND, tunnel_id)
+        if "access" in tunnel and not access.allowed(tunnel, client_ip):
+            raise Refusal(Reason.ACCESS_DENIED, tunnel_id)
         sni = tunnel.get("ingress", {}).get("sni", {})
         if not sni.get("enabled"):
             raise Refusal(Reason.SNI_DISABLED, tunnel_id)

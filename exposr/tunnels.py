@@ -9,7 +9,7 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from exposr import model
+from exposr import httpauth, model
 from exposr.storage.base import NotFound, list_page
 
 log = Logger(namespace="exposr.tunnels")
@@ -208,13 +208,17 @@ class TunnelService:
         Apply a validated API body (PUT/PATCH): ``changes`` is a dict with the
         optional nested keys ``ingress.http.enabled``, ``ingress.http.alt_names``
         (list or None), ``ingress.sni.enabled``, ``target.url`` (str or None),
-        ``transport.ws.enabled``, ``transport.ssh.enabled``.
+        ``transport.ws.enabled``, ``transport.ssh.enabled``, ``access.allow``
+        (list of normalised CIDRs; None or empty removes it),
+        ``access.http_auth`` ({"user", "password"}, stored as the user and a
+        bcrypt hash; None removes it).
         """
         ingress = changes.get("ingress") or {}
         http = ingress.get("http") or {}
         sni = ingress.get("sni") or {}
         target = changes.get("target") or {}
         transport = changes.get("transport") or {}
+        rules = changes.get("access") or {}
 
         if http.get("enabled") is True and not (
             self.config.http_ingress_enabled and self.config.ingress_http_url
@@ -223,6 +227,15 @@ class TunnelService:
         if sni.get("enabled") is True and not self.config.sni_ingress_enabled:
             return defer.fail(IngressAdministrativelyDisabled())
 
+        auth = rules.get("http_auth")
+        if auth:
+            # bcrypt is slow on purpose: hashed once, in a thread, before the update
+            d = httpauth.blocking(self.clock, httpauth.hash_password, auth["password"])
+            return d.addCallback(lambda hashed: self._update_config(tunnel_id, account_id, http, sni, target,
+                                                                    transport, rules, hashed))
+        return self._update_config(tunnel_id, account_id, http, sni, target, transport, rules, None)
+
+    def _update_config(self, tunnel_id, account_id, http, sni, target, transport, rules, hashed):
         @defer.inlineCallbacks
         def change(record):
             if "enabled" in http:
@@ -249,6 +262,23 @@ class TunnelService:
                 flags = transport.get(kind) or {}
                 if "enabled" in flags:
                     record["transport"][kind]["enabled"] = flags["enabled"]
+            current = record.get("access")
+            current = dict(current) if isinstance(current, dict) else {}
+            if "allow" in rules:
+                if rules["allow"]:
+                    current["allow"] = list(rules["allow"])
+                else:
+                    current.pop("allow", None)
+            if "http_auth" in rules:
+                if rules["http_auth"]:
+                    current["http_auth"] = {"user": rules["http_auth"]["user"], "hash": hashed}
+                else:
+                    current.pop("http_auth", None)
+            if "allow" in rules or "http_auth" in rules:
+                if current:
+                    record["access"] = current
+                else:
+                    record.pop("access", None)
 
         return self.update(tunnel_id, change, account_id=account_id)
 

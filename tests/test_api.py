@@ -369,7 +369,9 @@ class ValidationTests(APITestCase):
              '"ingress.http.alt_names[1]" must contain a valid domain name'),
             ({"ingress": {"http": {"alt_names": ["localhost"]}}},
              '"ingress.http.alt_names[0]" must contain a valid domain name'),
-            ({"ingress": {"http": {"alt_names": ["example.notatld"]}}},
+            ({"ingress": {"http": {"alt_names": ["192.0.2.1"]}}},
+             '"ingress.http.alt_names[0]" must contain a valid domain name'),
+            ({"ingress": {"http": {"alt_names": ["example.4x"]}}},
              '"ingress.http.alt_names[0]" must contain a valid domain name'),
             ({"ingress": {"http": {"alt_names": ["-a.com"]}}},
              '"ingress.http.alt_names[0]" must contain a valid domain name'),
@@ -407,6 +409,18 @@ class ValidationTests(APITestCase):
             self.assertEqual(r.json()["target"], {"url": url}, url)
         r = yield self.patch({"target": {"url": None}})
         self.assertEqual(r.json()["target"], {})
+
+
+class DomainNameTests(unittest.TestCase):
+    def test_private_top_level_domains_are_names_too(self):
+        from exposr.api.common import is_valid_domain
+
+        for name in ("app.dev.test", "app.corp.internal", "nas.lan", "printer.home.arpa", "app.localhost",
+                     "www.example.com", "xn--80ak6aa92e.xn--p1ai", "a.b.c.d.museum"):
+            self.assertTrue(is_valid_domain(name), name)
+        for name in ("localhost", "192.0.2.1", "a.4x", "a..test", "-a.test", "a_b.test", "a.test.", "", None,
+                     "x" * 64 + ".test"):
+            self.assertFalse(is_valid_domain(name), name)
 
 
 class TunnelRouteTests(APITestCase):

@@ -207,6 +207,39 @@ class CliTests(_Base):
         ])
 
     @defer.inlineCallbacks
+    def test_configure_ingress_allow(self):
+        self.api.add("GET", f"/v1/account/{ACCOUNT}/token", 201, {"token": TOKEN})
+        self.api.add("PATCH", "/v1/tunnel/my-tunnel", 200, {"id": "my-tunnel"})
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-allow", "203.0.113.0/24, 2001:db8::/32")
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "unset",
+                                            "ingress-allow")
+        self.assertEqual((code, err), (0, ""))
+        bodies = [json.loads(r["body"]) for r in self.api.requests if r["method"] == "PATCH"]
+        self.assertEqual(bodies, [{"access": {"allow": ["203.0.113.0/24", "2001:db8::/32"]}},
+                                  {"access": {"allow": None}}])
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-http-auth", "alice:pa:ss")
+        self.assertEqual((code, err), (0, ""))
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "unset",
+                                            "ingress-http-auth")
+        self.assertEqual((code, err), (0, ""))
+        bodies = [json.loads(r["body"]) for r in self.api.requests if r["method"] == "PATCH"]
+        self.assertEqual(bodies[2:], [{"access": {"http_auth": {"user": "alice", "password": "pa:ss"}}},
+                                      {"access": {"http_auth": None}}])
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-http-auth", "nopassword")
+        self.assertEqual(code, 1)
+        self.assertIn("user:password", err)
+        n = len(self.api.requests)
+        code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel", "set",
+                                            "ingress-allow", "10.0.0.0/33")
+        self.assertEqual(code, 1)
+        self.assertIn("10.0.0.0/33", err)
+        self.assertEqual(len(self.api.requests), n)
+
+    @defer.inlineCallbacks
     def test_configure_bad_value(self):
         code, out, err = yield self.run_cli("-a", ACCOUNT, "tunnel", "configure", "my-tunnel",
                                             "set", "ingress-sni", "maybe")

@@ -4,9 +4,9 @@ a real DNS server (twisted.names, UDP, port 0), the full server in process,
 the Python client serving a tunnel to a local twisted.web target, and requests
 with ``Host: <alt name>`` on the server port.
 
-The customer zone is ``customer.net``: alt names need a recognised top-level
-domain, and ``.test`` is not one (checked below). The ingress
-host is ``example.test`` (the ingress URL has no such rule).
+The customer zone is ``customer.net``; private zones (``dev.test``,
+``corp.internal``) serve alt names on private top-level domains. The ingress
+host is ``example.test``.
 """
 
 import io
@@ -29,17 +29,15 @@ INGRESS_HOST = "example.test"
 ALT = "app.customer.net"
 HTTP_ON = {"ingress": {"http": {"enabled": True}}}
 
-SOA = dns.Record_SOA(mname=b"ns.customer.net", rname=b"root.customer.net",
-                     serial=1, refresh=1, retry=1, expire=1, minimum=1, ttl=1)
-
-
 class Zone(authority.FileAuthority):
-    """The zone ``customer.net`` in memory; `set` changes a CNAME at once."""
+    """A zone (``customer.net`` by default) in memory; `set` changes a CNAME at once."""
 
-    def __init__(self):
+    def __init__(self, origin=b"customer.net"):
         common.ResolverBase.__init__(self)
-        self.soa = (b"customer.net", SOA)
-        self.records = {b"customer.net": [SOA]}
+        soa = dns.Record_SOA(mname=b"ns." + origin, rname=b"root." + origin,
+                             serial=1, refresh=1, retry=1, expire=1, minimum=1, ttl=1)
+        self.soa = (origin, soa)
+        self.records = {origin: [soa]}
 
     def set(self, name, target):
         self.records[name.encode("ascii")] = [dns.Record_CNAME(target.encode("ascii"), ttl=1)]
@@ -51,7 +49,8 @@ class AltNamesEndToEndTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.zone = Zone()
-        factory = dns_server.DNSServerFactory(authorities=[self.zone])
+        self.private = [Zone(b"dev.test"), Zone(b"corp.internal")]
+        factory = dns_server.DNSServerFactory(authorities=[self.zone, *self.private])
         udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
 
@@ -168,9 +167,26 @@ class AltNamesEndToEndTests(unittest.TestCase):
         self.zone.set(ALT, f"alt-other.{INGRESS_HOST}")
         info = yield self.set_alt_names(other, "alt-other", [ALT])
         self.assertEqual(info["ingress"]["http"]["alt_names"], [ALT])
-        # a top-level domain that is not recognised is a validation error
-        e = yield self.refused(self.set_alt_names(api, "alt-wrong", ["app.customer.test"]))
+        # a top-level domain that is not a name is a validation error
+        e = yield self.refused(self.set_alt_names(api, "alt-wrong", ["app.customer.42"]))
         self.assertEqual((e.status, e.code), (400, "BAD_INPUT"))
+
+    @defer.inlineCallbacks
+    def test_alt_names_on_private_domains(self):
+        api = yield self.account()
+        yield self.tunnel(api, "private-one", self.target("hello, private"))
+        test_zone, internal_zone = self.private
+        test_zone.set("app.dev.test", f"private-one.{INGRESS_HOST}")
+        internal_zone.set("app.corp.internal", f"private-one.{INGRESS_HOST}")
+        internal_zone.set("wrong.corp.internal", f"another-tunnel.{INGRESS_HOST}")
+        info = yield self.set_alt_names(api, "private-one", ["app.dev.test", "App.Corp.Internal"])
+        self.assertEqual(sorted(info["ingress"]["http"]["alt_names"]), ["app.corp.internal", "app.dev.test"])
+        self.assertEqual((yield self.get("app.dev.test")), (200, b"hello, private"))
+        self.assertEqual((yield self.get("app.corp.internal")), (200, b"hello, private"))
+        # the CNAME still guards ownership on a private domain
+        for name in ("wrong.corp.internal", "missing.dev.test"):
+            e = yield self.refused(self.set_alt_names(api, "private-one", [name]))
+            self.assertEqual((e.status, e.code, e.field), (400, "TUNNEL_INGRESS_BAD_ALT_NAMES", name))
 
     @defer.inlineCallbacks
     def test_first_come_first_served_and_freed_by_delete(self):

@@ -16,7 +16,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from exposr import clientaddr, model
+from exposr import access, clientaddr, model
 from exposr.api.baseurl import request_base_url
 from exposr.api.common import (
     app_resource,
@@ -209,6 +209,9 @@ class AdminAPI:
             "ingress": tunnel["ingress"],
             "target": tunnel.get("target") or {},
         }
+        rules = access.public_view(tunnel)
+        if rules:  # beyond the original: shown only when the tunnel has rules
+            out["access"] = rules
         for key in ("created_at", "updated_at"):
             if tunnel.get(key):
                 out[key] = tunnel[key]

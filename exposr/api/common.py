@@ -15,8 +15,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from exposr.api.tlds import TLDS
-from exposr import clientaddr
+from exposr import access, clientaddr, httpauth
 from exposr.errors import StorageUnavailable
 from exposr.model import describe_error
 
@@ -229,7 +228,13 @@ _TLD_RE = re.compile(r"[a-z](?:[a-z0-9\-]*[a-z0-9])?")
 
 
 def is_valid_domain(name):
-    """A domain name of at least two labels with a known top-level domain."""
+    """A syntactically valid domain name of at least two labels.
+
+    Any top-level domain that is a name (not all digits, so never an IPv4
+    address) is accepted: private ones too (``.test``, ``.internal``,
+    ``.lan``, ``.home.arpa``, ``.localhost``). Ownership of an alt name is
+    proven by its CNAME, not by its top-level domain.
+    """
     if not isinstance(name, str) or not name or len(name) > 256:
         return False
     try:
@@ -243,7 +248,7 @@ def is_valid_domain(name):
         if not label or len(label) > 63 or not _LABEL_RE.fullmatch(label):
             return False
     tld = labels[-1]
-    return bool(_TLD_RE.fullmatch(tld)) and tld in TLDS
+    return bool(_TLD_RE.fullmatch(tld))
 
 
 _UNRESERVED = r"A-Za-z0-9\-._~"
@@ -351,8 +356,50 @@ def validate_tunnel_body(body):
                     res["enabled"] = to_bool(flags["enabled"], path + ".enabled")
                 reject_unknown(flags, path, ("enabled",))
         reject_unknown(transport, "transport", ("ws", "ssh"))
-    reject_unknown(body, "", ("ingress", "target", "transport"))
+    if "access" in body:
+        rules = check_object(body["access"], "access", None)
+        out["access"] = {}
+        if "allow" in rules:
+            out["access"]["allow"] = _allow_list(rules["allow"], "access.allow")
+        if "http_auth" in rules:
+            out["access"]["http_auth"] = _http_auth(rules["http_auth"], "access.http_auth")
+        reject_unknown(rules, "access", ("allow", "http_auth"))
+    reject_unknown(body, "", ("ingress", "target", "transport", "access"))
     return out
+
+
+def _http_auth(value, path):
+    """``{"user", "password"}`` (checked, not yet hashed); None removes basic auth."""
+    if value is None:
+        return None
+    auth = check_object(value, path, None)
+    reject_unknown(auth, path, ("user", "password"))
+    for key, valid, rule in (("user", httpauth.valid_user, "1 to %d characters, no colon" % httpauth.MAX_USER),
+                             ("password", httpauth.valid_password, "1 to %d bytes" % httpauth.MAX_PASSWORD)):
+        item = auth.get(key)
+        if not isinstance(item, str):
+            raise BadInput("%s must be a string" % (_label(path + "." + key),))
+        if not valid(item):
+            raise BadInput("%s must be %s" % (_label(path + "." + key), rule))
+    return {"user": auth["user"], "password": auth["password"]}
+
+
+def _allow_list(value, path):
+    """A list of CIDRs (IPv4, IPv6), normalised; None or [] clears the list."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BadInput("%s must be an array" % (_label(path),))
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BadInput("%s must be a string" % (_label("%s[%d]" % (path, i)),))
+    try:
+        nets = access.normalise_allow(value)
+    except ValueError as e:
+        raise BadInput("%s must be a valid CIDR" % (_label("%s[%d]" % (path, e.args[0])),))
+    if len(nets) > access.MAX_ENTRIES:
+        raise BadInput("%s must contain less than or equal to %d items" % (_label(path), access.MAX_ENTRIES))
+    return nets
 
 
 def _alt_names(value, path):

@@ -8,7 +8,7 @@ shared listener whether the request is for the API (``--api-url`` host check).
 from klein import Klein
 from twisted.logger import Logger
 
-from exposr import clientaddr, model
+from exposr import access, clientaddr, model
 from exposr.api.baseurl import request_base_url, url_host
 from exposr.api.common import (
     app_resource,
@@ -138,6 +138,9 @@ class PublicAPI:
             },
             "target": tunnel.get("target") or {},
         }
+        rules = access.public_view(tunnel)
+        if rules:  # beyond the original: shown only when the tunnel has rules
+            out["access"] = rules
         if tunnel.get("created_at"):
             out["created_at"] = tunnel["created_at"]
         return out

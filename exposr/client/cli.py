@@ -14,6 +14,7 @@ account `tunnel connect` creates when none is given are remembered.
 """
 
 import argparse
+import ipaddress
 import os
 import random
 import sys
@@ -66,6 +67,23 @@ def _altnames(key, value):
     return [n.strip() for n in value.split(",") if n.strip()]
 
 
+def _cidrs(key, value):
+    cidrs = [c.strip() for c in value.split(",") if c.strip()]
+    for c in cidrs:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise UsageError(f"Invalid value for {key}: {c} (use CIDRs such as 203.0.113.0/24,2001:db8::/32)")
+    return cidrs
+
+
+def _user_password(key, value):
+    user, colon, password = value.partition(":")
+    if not (colon and user and password):
+        raise UsageError(f"Invalid value for {key} (use user:password)")
+    return {"user": user, "password": password}
+
+
 # KEY -> (parse function, builder of the single nested PATCH body)
 SETTINGS = {
     "target-url": (lambda k, v: normalize_url(v), lambda v: {"target": {"url": v}}),
@@ -75,6 +93,8 @@ SETTINGS = {
     "ingress-http-altnames": (_altnames, lambda v: {"ingress": {"http": {"alt_names": v}}}),
     "ingress-sni": (_bool, lambda v: {"ingress": {"sni": {"enabled": v}}}),
     "ingress-sni-passthrough": (_bool, lambda v: {"ingress": {"sni": {"passthrough": v}}}),
+    "ingress-allow": (_cidrs, lambda v: {"access": {"allow": v}}),
+    "ingress-http-auth": (_user_password, lambda v: {"access": {"http_auth": v}}),
 }
 _ALIASES = {"upstream-url": "target-url"}
 
@@ -478,9 +498,16 @@ def format_info(t):
               f"  ingress-http: {flag(http.get('enabled'))}",
               f"  ingress-http-altnames: {','.join(http.get('alt_names') or []) or '<not set>'}",
               f"  ingress-sni: {flag(((t.get('ingress') or {}).get('sni') or {}).get('enabled'))}",
+              f"  ingress-allow: {','.join((t.get('access') or {}).get('allow') or []) or '<not set>'}",
+              f"  ingress-http-auth: {_auth_user(t)}",
               f"  transport-ws: {flag((tr.get('ws') or {}).get('enabled'))}",
               f"  transport-ssh: {flag((tr.get('ssh') or {}).get('enabled'))}"]
     return lines
+
+
+def _auth_user(t):
+    user = ((t.get("access") or {}).get("http_auth") or {}).get("user")
+    return f"{user}:<password set>" if user else "<not set>"
 
 
 _LEVEL_ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,

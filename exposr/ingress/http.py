@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from exposr import errors
+from exposr import errors, httpauth
 from exposr.log import AccessLog
 from exposr.router import Reason, Refusal
-from exposr.ingress import forwarding, httphead
+from exposr.ingress import errorpage, forwarding, httphead
 from exposr.sockwrite import no_delay, write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
@@ -43,10 +43,12 @@ _REFUSALS = {
     Reason.HTTP_DISABLED: (403, "TUNNEL_HTTP_INGRESS_DISABLED"),
     Reason.UNREACHABLE: (502, "TUNNEL_TARGET_CON_FAILED"),
     Reason.STORAGE_UNAVAILABLE: (503, "TUNNEL_LOOKUP_UNAVAILABLE"),
+    Reason.ACCESS_DENIED: (403, "TUNNEL_ACCESS_DENIED"),
 }
 
 _REASONS = {
     400: b"Bad Request",
+    401: b"Unauthorized",
     403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
@@ -62,11 +64,12 @@ _REASONS = {
 }
 
 
-def json_response(status, body, version=b"HTTP/1.1", close=False):
+def json_response(status, body, version=b"HTTP/1.1", close=False, extra=b""):
+    """``extra``: more header lines (each ending in CRLF)."""
     payload = json.dumps(body, separators=(",", ":")).encode()
     return b"".join(
         (
-            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n",
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n", extra,
             b"Content-Type: application/json; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(payload),
             b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
@@ -75,16 +78,47 @@ def json_response(status, body, version=b"HTTP/1.1", close=False):
     )
 
 
+def html_response(status, page, version=b"HTTP/1.1", close=False, extra=b""):
+    return b"".join(
+        (
+            version, b" %d " % status, _REASONS.get(status, b"Error"), b"\r\n", extra,
+            b"Content-Type: text/html; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(page),
+            b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
+            b"\r\n", page,
+        )
+    )
+
+
+def error_response(status, code, head, upgrade, tunnel_id=None, version=b"HTTP/1.1", close=False, extra=b""):
+    """An ingress error: an HTML page to a browser (`errorpage.prefers_html`),
+    else the JSON body; an upgrade request always gets JSON."""
+    if head is not None and not upgrade and errorpage.prefers_html(head.headers):
+        return html_response(status, errorpage.html_page(status, code, tunnel_id), version=version, close=close,
+                             extra=extra)
+    return json_response(status, {"error": code}, version=version, close=close, extra=extra)
+
+
 def raw_error(status, code, version=b"HTTP/1.1"):
     """The raw answer to an upgrade request: status line, JSON body, close (no 101)."""
     return json_response(status, {"error": code}, version=version, close=True)
 
 
 class IngressError(Exception):
-    def __init__(self, status, code):
+    def __init__(self, status, code, extra=b""):
         super().__init__(code)
         self.status = status
         self.code = code
+        self.extra = extra  # more header lines of the answer
+
+
+def _auth_refused(verdict, tunnel_id):
+    """The answer to a request that basic auth (`exposr.httpauth`) refused."""
+    if verdict == httpauth.LIMITED:
+        return IngressError(429, "TUNNEL_HTTP_AUTH_RATE_LIMITED", b"Retry-After: 1\r\n")
+    challenge = b'WWW-Authenticate: Basic realm="%s", charset="UTF-8"\r\n' % tunnel_id.encode()
+    code = "TUNNEL_HTTP_AUTH_REQUIRED" if verdict == httpauth.MISSING else "TUNNEL_HTTP_AUTH_FAILED"
+    return IngressError(401, code, challenge)
 
 
 def _refused(refusal, upgrade):
@@ -274,6 +308,7 @@ class HTTPIngress:
         self.domain = (urlsplit(config.ingress_http_url).hostname or "").lower()
         self.trusted = forwarding.parse_networks(config.ingress_http_trusted_proxies)
         self.rewriter = forwarding.Rewriter(node_id)
+        self.authorizer = httpauth.Authorizer(clock)
         self.idle_timeout = config.ingress_http_agent_idle_timeout
         self.pools = {}
         self.sessions = set()  # open client connections
@@ -312,11 +347,11 @@ class HTTPIngress:
             pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
-    def route(self, tunnel, tunnel_id, head, upgrade=False):
-        """The router's `Route` for a request, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
+    def route(self, tunnel, tunnel_id, head, upgrade=False, client_ip=None):
+        """The router's `Route` for a request from ``client_ip``, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
         router = self.router
         try:
-            router.check_http(tunnel, tunnel_id)
+            router.check_http(tunnel, tunnel_id, client_ip)
             if forwarding.is_loop(head, self.node_id):
                 raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
             return router.route(tunnel_id)
@@ -447,6 +482,7 @@ class IngressSession(protocol.Protocol):
         # bytes out besides `raw_out`: response heads, the ingress's own
         # answers, and (once a request ends, with stats) its response body
         self.other_out = 0
+        self.auth_ok = None  # (rule, Authorization value) that basic auth last let through
 
     def connectionMade(self):
         # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
@@ -643,11 +679,47 @@ class IngressSession(protocol.Protocol):
     def _checked(self, tunnel, head):
         """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
         ingress = self.ingress
-        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade)
         ip = self.route_ip
         if ip is None:
             ip = self.peer_client_ip
         self.client_ip = ip
+        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip)
+        if "access" in tunnel:
+            rules = tunnel["access"]
+            auth = rules.get("http_auth") if type(rules) is dict else None
+            if auth:
+                # the first Authorization is checked, every one is removed
+                found = [pair for pair in head.headers if pair[0].lower() == b"authorization"]
+                value = found[0][1] if found else None
+                last = self.auth_ok
+                if last is not None and last[0] is auth and last[1] == value:
+                    verdict = httpauth.OK  # as for the previous request of this connection
+                else:
+                    verdict = ingress.authorizer.check(auth, value, ip)
+                    if type(verdict) is not str:
+                        return verdict.addCallback(self._authorized, route, tunnel, head, found, auth)
+                return self._authorized(verdict, route, tunnel, head, found, auth)
+        return self._forward(route, tunnel, head)
+
+    def _authorized(self, verdict, route, tunnel, head, found, auth):
+        if verdict != httpauth.OK:
+            self.auth_ok = None
+            raise _auth_refused(verdict, self.tunnel_id)
+        self.auth_ok = (auth, found[0][1])
+        if not route.remote:
+            # the credentials are the tunnel's, not the target's (a cluster
+            # node that holds the tunnel checks them again, and removes them)
+            headers = head.headers
+            for pair in found:
+                headers.remove(pair)
+        if self.state == CLOSED:
+            return None
+        return self._forward(route, tunnel, head)
+
+    def _forward(self, route, tunnel, head):
+        """Route to a pooled stream (returns None) or a new one (returns a Deferred)."""
+        ingress = self.ingress
+        ip = self.client_ip
         # self.upgrade is is_upgrade, or CONNECT (for which is_upgrade is not known)
         upgrade = self.upgrade and (None if head.method == b"CONNECT" else True)
         # to another node: only the headers every hop adds (the owner adds the rest)
@@ -727,7 +799,9 @@ class IngressSession(protocol.Protocol):
         # the request body (if any) was not read: the connection cannot continue
         body_pending = self.upgrade or head.chunked or bool(head.content_length)
         close = body_pending or not self.request_persistent or err.status == 421
-        self._answer(json_response(err.status, {"error": err.code}, version=b"HTTP/1.1", close=close))
+        self._answer(error_response(err.status, err.code, head, self.upgrade,
+                                    None if err.status == 421 else getattr(self, "tunnel_id", None),
+                                    close=close, extra=getattr(err, "extra", b"")))
         self._access()
         if close or self.ingress.draining:
             self._close()
@@ -866,7 +940,8 @@ class IngressSession(protocol.Protocol):
             return
         log.info("tunnel {tunnel}: upstream failed before a response: {why}", tunnel=self.tunnel_id, why=why)
         self.status = 502
-        self._answer(json_response(502, {"error": code}, version=self.request.version, close=True))
+        self._answer(error_response(502, code, self.request, self.upgrade, self.tunnel_id,
+                                    version=self.request.version, close=True))
         self._access()
         self._close()
 

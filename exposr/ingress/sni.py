@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from exposr import clientaddr
 from exposr.errors import ExposrError
 from exposr.router import Reason, Refusal
 from exposr.ingress.clienthello import DEFAULT_MAX_SIZE, ClientHelloError, ClientHelloParser
@@ -67,6 +68,7 @@ _REFUSALS = {
     Reason.NOT_CONNECTED: "tunnel {} is not connected",
     Reason.UNREACHABLE: "tunnel {} is connected only on nodes that cannot be reached",
     Reason.STORAGE_UNAVAILABLE: "tunnel {} could not be looked up (storage failing)",
+    Reason.ACCESS_DENIED: "the client address is not on the allow list of tunnel {}",
 }
 
 
@@ -77,9 +79,10 @@ def router_resolver(router):
         failure.trap(Refusal)
         raise SNIRefused(_REFUSALS.get(failure.value.reason, "{} refused").format(tunnel_id))
 
-    def resolve(tunnel_id):
-        return router.sni_route(tunnel_id).addErrback(refused, tunnel_id)
+    def resolve(tunnel_id, client_ip=None):
+        return router.sni_route(tunnel_id, client_ip).addErrback(refused, tunnel_id)
 
+    resolve.with_client_ip = True  # the factory passes the client address too
     return resolve
 
 
@@ -306,7 +309,12 @@ class SNIProtocol(Protocol):
         self._parser = None
         self._state = "resolving"
         self._pause_client()
-        d = defer.maybeDeferred(self.factory.resolve, self.tunnel_id)
+        resolve = self.factory.resolve
+        if getattr(resolve, "with_client_ip", False):
+            # the client is the socket peer (no proxy header on a TLS port)
+            d = defer.maybeDeferred(resolve, self.tunnel_id, clientaddr.normalise_ip(getattr(self.peer, "host", "")))
+        else:
+            d = defer.maybeDeferred(resolve, self.tunnel_id)
         d.addCallback(_as_route)
         d.addCallbacks(self._resolved, self._resolve_failed)
         d.addErrback(self._internal_error)
