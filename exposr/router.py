@@ -202,7 +202,16 @@ class Router:
                         return Route(endpoint, ("node", node_id), passthrough=sni, remote=True)
         raise Refusal(Reason.UNREACHABLE, tunnel_id)
 
-    def check_http(self, tunnel, tunnel_id, client_ip=None):
+    def _allowed(self, tunnel, client_ip, peer_ip):
+        """The tunnel's allow list lets ``client_ip`` in, or the connection is
+        relayed by another node of the cluster (which applied the list to the
+        client: rules are checked on the node that receives the request)."""
+        if access.allowed(tunnel, client_ip):
+            return True
+        peers = self.peers
+        return peers is not None and bool(peer_ip) and peers.is_node(peer_ip)
+
+    def check_http(self, tunnel, tunnel_id, client_ip=None, peer_ip=None):
         """May an HTTP request from ``client_ip`` go to the tunnel of record ``tunnel``? Else a `Refusal`.
 
         Refused, in this order: no such tunnel, the client address not on
@@ -212,7 +221,7 @@ class Router:
         """
         if tunnel is None:
             raise Refusal(Reason.NOT_FOUND, tunnel_id)
-        if "access" in tunnel and not access.allowed(tunnel, client_ip):
+        if "access" in tunnel and not self._allowed(tunnel, client_ip, peer_ip):
             raise Refusal(Reason.ACCESS_DENIED, tunnel_id)
         if not self.registry.is_connected(tunnel_id):
             raise Refusal(Reason.NOT_CONNECTED, tunnel_id)
@@ -238,7 +247,7 @@ class Router:
     def _sni_route(self, tunnel, tunnel_id, client_ip=None):
         if tunnel is None:
             raise Refusal(Reason.NOT_FOUND, tunnel_id)
-        if "access" in tunnel and not access.allowed(tunnel, client_ip):
+        if "access" in tunnel and not self._allowed(tunnel, client_ip, client_ip):
             raise Refusal(Reason.ACCESS_DENIED, tunnel_id)
         sni = tunnel.get("ingress", {}).get("sni", {})
         if not sni.get("enabled"):

@@ -76,6 +76,22 @@ class RouterTests(unittest.TestCase):
         self.assertTrue(self.registry.add(conn))
         return conn
 
+    # -- access rules across the cluster ---------------------------------------------
+
+    def test_allow_list_is_applied_by_the_node_that_receives_the_request(self):
+        tunnel = dict(record(), access={"allow": ["203.0.113.0/24"]})
+        self.local()
+        self.router.check_http(tunnel, "my-tunnel", "203.0.113.7", "203.0.113.7")
+        f = self.assertRaises(Refusal, self.router.check_http, tunnel, "my-tunnel", "198.51.100.1", "198.51.100.1")
+        self.assertIs(f.reason, Reason.ACCESS_DENIED)
+        # relayed by another node (not a trusted proxy here): it applied the list already
+        self.membership.heard(heartbeat(NODE_B))
+        self.router.check_http(tunnel, "my-tunnel", NODE_B.ip, NODE_B.ip)
+        self.router._sni_route(dict(tunnel, ingress={"sni": {"enabled": True}}), "my-tunnel", NODE_B.ip)
+        # a stale node is not believed
+        self.clock.advance(31)
+        self.assertRaises(Refusal, self.router.check_http, tunnel, "my-tunnel", NODE_B.ip, NODE_B.ip)
+
     # -- routes ------------------------------------------------------------------
 
     def test_local_connection_preferred(self):

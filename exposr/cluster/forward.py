@@ -61,6 +61,10 @@ class PeerEndpoints:
         self.sni_port = sni_port
         self._cache = {}
 
+    def is_node(self, ip):
+        """True when a connection from ``ip`` comes from another node of the cluster."""
+        return self.membership.is_node(ip)
+
     def http_endpoint(self, node_id):
         return self._endpoint(node_id, self.http_port())
 

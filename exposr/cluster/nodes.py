@@ -117,6 +117,10 @@ class Membership:
             return None
         return peer.ip
 
+    def is_node(self, ip):
+        """True when ``ip`` is the address of a known, non-stale peer node."""
+        return any(p.ip == ip and not p.stale for p in self.peers.values())
+
     def fresh_ips(self):
         """Addresses of this node and every non-stale peer (for discovery)."""
         return [self.node.ip] + [p.ip for p in self.peers.values() if not p.stale]

@@ -347,11 +347,11 @@ class HTTPIngress:
             pool = self.pools[route.key] = UpstreamPool(self, route.key, route.endpoint, timeout)
         return pool
 
-    def route(self, tunnel, tunnel_id, head, upgrade=False, client_ip=None):
+    def route(self, tunnel, tunnel_id, head, upgrade=False, client_ip=None, peer_ip=None):
         """The router's `Route` for a request from ``client_ip``, or IngressError (docs/protocol.rst, "Ingress errors", in order)."""
         router = self.router
         try:
-            router.check_http(tunnel, tunnel_id, client_ip)
+            router.check_http(tunnel, tunnel_id, client_ip, peer_ip)
             if forwarding.is_loop(head, self.node_id):
                 raise IngressError(508, "HTTP_INGRESS_REQUEST_LOOP")
             return router.route(tunnel_id)
@@ -683,7 +683,7 @@ class IngressSession(protocol.Protocol):
         if ip is None:
             ip = self.peer_client_ip
         self.client_ip = ip
-        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip)
+        route = ingress.route(tunnel, self.tunnel_id, head, self.upgrade, ip, self.peer_ip)
         if "access" in tunnel:
             rules = tunnel["access"]
             auth = rules.get("http_auth") if type(rules) is dict else None
