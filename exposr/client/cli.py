@@ -25,7 +25,7 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
                             globalLogBeginner)
 
 from exposr import __version__
-from exposr.client import httpmode, output, settings
+from exposr.client import httpmode, liveview, output, settings
 from exposr.client.connect import TunnelClosed, TunnelConnector
 from exposr.client.rest import ApiClient, ApiError
 
@@ -219,6 +219,11 @@ class Cli:
         opts.log_level = getattr(opts, "log_level", "info")
         opts.log_format = getattr(opts, "log_format", "text")
         self.printer.fmt = opts.log_format
+        # `tunnel connect` on a terminal: the live view instead of plain lines
+        if (opts.group, opts.command) == ("tunnel", "connect") and opts.log_format == "text" \
+                and not getattr(opts, "non_interactive", False) and self.out.isatty():
+            self.printer = liveview.LiveView(self.out, self.err, self.reactor, opts,
+                                             http_mode=getattr(opts, "http_mode", False))
         return opts
 
     @defer.inlineCallbacks
