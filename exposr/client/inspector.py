@@ -466,12 +466,12 @@ body{font:14px system-ui,sans-serif;margin:0;color:#222;background:#f6f7f9}
 header{background:#1f2937;color:#fff;padding:10px 16px;font-weight:600}
 header small{font-weight:400;opacity:.7;margin-left:8px}
 main{display:flex;height:calc(100vh - 40px)}
-#list{width:46%;overflow:auto;border-right:1px solid #ddd;background:#fff}
+#list{width:56%;overflow:auto;border-right:1px solid #ddd;background:#fff}
 #detail{flex:1;overflow:auto;padding:12px 16px}
 table{border-collapse:collapse;width:100%}
 td,th{padding:6px 8px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
 tr.row{cursor:pointer} tr.row:hover{background:#eef4ff} tr.sel{background:#dbe8ff}
-td.path{max-width:260px;overflow:hidden;text-overflow:ellipsis}
+td.path{max-width:300px;overflow:hidden;text-overflow:ellipsis}
 .s2{color:#15803d}.s3{color:#0369a1}.s4{color:#b45309}.s5{color:#b91c1c}
 .tag{font-size:11px;background:#e5e7eb;border-radius:3px;padding:1px 4px;margin-left:4px}
 button{font:inherit;padding:2px 10px;border:1px solid #2563eb;background:#2563eb;color:#fff;border-radius:4px;cursor:pointer}
@@ -507,6 +507,7 @@ function upsert(r){
 }
 function body(b){
   if (!b) return "";
+  if (b.size === 0) return "<small>no body</small>";
   let note = b.size + " bytes" + (b.truncated ? " (truncated)" : "");
   if (!b.binary) return `<pre>${esc(b.text)}</pre><small>${note}</small>`;
   const bin = atob(b.base64); let hex = "";
@@ -535,11 +536,10 @@ async function load(){
   const list = await (await fetch("/api/requests")).json();
   list.reverse().forEach(upsert);
 }
-load().then(() => {
-  const ev = new EventSource("/api/events");
-  ev.onopen = () => { document.getElementById("conn").textContent = "live"; };
-  ev.onerror = () => { document.getElementById("conn").textContent = "reconnecting..."; };
-  ev.onmessage = m => upsert(JSON.parse(m.data));
-});
+// the feed first, then the list: nothing captured in between is missed
+const ev = new EventSource("/api/events");
+ev.onopen = () => load().then(() => { document.getElementById("conn").textContent = "live"; });
+ev.onerror = () => { document.getElementById("conn").textContent = "reconnecting..."; };
+ev.onmessage = m => upsert(JSON.parse(m.data));
 </script></body></html>
 """
