@@ -35,6 +35,9 @@ _SPECIAL = ("http", "https", "ws", "wss", "ftp")
 _NEEDS_PORT = ("tcp", "tls", "tcps")  # no default port to fall back on
 
 
+DEFAULT_INSPECT = "127.0.0.1:4040"
+
+
 class UsageError(Exception):
     pass
 
@@ -188,6 +191,11 @@ def build_parser():
     cn.add_argument("-R", "--http-header-rewrite", action="append", metavar="NAME",
                     help="HTTP mode: request headers whose URL is rewritten to the target "
                          "(repeatable or comma-separated; default host, referer, origin)")
+    cn.add_argument("--inspect", metavar="ADDR:PORT", default=DEFAULT_INSPECT,
+                    help="HTTP mode: serve the request inspector here "
+                         f"(default {DEFAULT_INSPECT}; port 0 picks a free one)")
+    cn.add_argument("--no-inspect", action="store_true",
+                    help="HTTP mode: no request inspector")
     return p
 
 
@@ -201,6 +209,8 @@ class Cli:
         self.environ = os.environ if environ is None else environ
         self.settings = settings.SettingsFile(config_path or settings.config_path(self.environ))
         self.connector = None
+        self.inspector_port = None  # the inspector's listening port (HTTP mode)
+        self.inspector_url = None
         self.connected = defer.Deferred()  # fires once `tunnel connect` is up
         self._stopping = False
         self._done = defer.Deferred()  # `tunnel connect` has cleaned up
@@ -380,10 +390,48 @@ class Cli:
         names = httpmode.parse_rewrite(rewrite) if rewrite else httpmode.DEFAULT_REWRITE
         return {"rewrite": names, "replace": replace}
 
+    @staticmethod
+    def inspect_address(opts):
+        """(host, port) of the inspector, or None (off, or not in HTTP mode)."""
+        if not getattr(opts, "http_mode", False) or getattr(opts, "no_inspect", False):
+            return None
+        value = getattr(opts, "inspect", None) or DEFAULT_INSPECT
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise UsageError(f"Invalid --inspect address: {value} (use ADDR:PORT)")
+        return host, int(port)
+
+    def _start_inspector(self, address):
+        from twisted.internet.error import CannotListenError
+
+        from exposr.client import inspector
+
+        connector = self.connector
+        connector.capture = inspector.Capture(self.reactor)
+        page = inspector.Inspector(self.reactor, connector.capture,
+                                   lambda: (connector.target_url, connector.target()))
+        host, port = address
+        self.inspector = page
+        try:
+            self.inspector_port = self.reactor.listenTCP(port, inspector.site(page),
+                                                         interface=host)
+        except CannotListenError as e:
+            connector.capture = None
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            self.say(f"Inspector not started: cannot listen on {host}:{port} ({reason})",
+                     "inspector_failed", address=f"{host}:{port}", reason=reason)
+            return
+        bound = self.inspector_port.getHost()
+        shown = f"[{bound.host}]" if ":" in bound.host else bound.host
+        self.inspector_url = f"http://{shown}:{bound.port}/"
+        self.say(f"Inspector: {self.inspector_url}", "inspector", url=self.inspector_url)
+
     @defer.inlineCallbacks
     def cmd_tunnel_connect(self, api, opts):
         tunnel_id, target, pairs = self.connect_args(opts.args)
         http_mode = self.http_mode(opts)
+        inspect = self.inspect_address(opts)
         if target:
             target = normalize_url(target)
             if http_mode is not None and urlsplit(target).scheme.lower() not in ("http", "https"):
@@ -427,8 +475,14 @@ class Cli:
                 self.connector = TunnelConnector(self.reactor, api, tunnel_id,
                                                  insecure=opts.insecure, http_mode=http_mode)
                 self.connector.on_event = self.printer.event
+                if inspect is not None:
+                    self._start_inspector(inspect)
                 yield self._hold(tunnel_id)
         finally:
+            if self.inspector_port is not None:
+                self.inspector.close()
+                yield self.inspector_port.stopListening()
+                self.inspector_port = None
             if not self._stopping:
                 self.reactor.removeSystemEventTrigger(trigger)
             if created:

@@ -16,6 +16,8 @@
 * ``http_mode`` (``{"rewrite": names, "replace": {...}}``, see `httpmode`) parses
   each request locally and rewrites its headers toward the target; every
   request is then reported as a ``request`` event (method, path, status, ms).
+  With ``capture`` (an `exposr.client.inspector.Capture`) set, each request and
+  response is also captured for the inspector.
 * ``stop()`` closes everything; ``finished`` fires (None) when the connector
   ends: after ``stop()``, or with a failure when it gives up (every slot
   refused with 1008, or a fatal API error after start).
@@ -107,6 +109,12 @@ class _HttpTarget(_Target):
         self.splice.watcher.feed(data)
         self.splice.channel.write(data)
 
+    def connectionLost(self, reason):
+        closed = getattr(self.splice.watcher, "closed", None)  # the inspector's watcher
+        if closed is not None:
+            closed()
+        super().connectionLost(reason)
+
 
 @implementer(IPushProducer)
 class _Splice:
@@ -127,8 +135,13 @@ class _Splice:
         rules = getattr(ws.connector, "http_rules", None)
         if rules is not None:
             # HTTP mode only: the plain path above stays as it is
-            self.rewriter = httpmode.RequestRewriter(rules, self._request_seen)
-            self.watcher = httpmode.ResponseWatcher(self._response_seen)
+            capture = ws.connector.capture
+            if capture is None:
+                self.rewriter = httpmode.RequestRewriter(rules, self._request_seen)
+                self.watcher = httpmode.ResponseWatcher(self._response_seen)
+            else:  # the inspector keeps references to the bytes passing
+                self.rewriter, self.watcher = capture.taps(rules, self._request_seen,
+                                                           self._response_seen)
             self.requests = []
             channel.on_data = self._data_http
             target_protocol = _HttpTarget
@@ -510,6 +523,7 @@ class TunnelConnector:
         # HTTP mode: None, or {"rewrite": names, "replace": {name: (Name, value)}}
         self.http_mode = http_mode
         self.http_rules = None
+        self.capture = None  # an `inspector.Capture` (HTTP mode with the inspector on)
 
     def _event(self, name, text, **fields):
         """Tell `on_event` (True), or let the caller log (False)."""
