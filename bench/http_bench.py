@@ -19,6 +19,7 @@ prints a column for it (the 100 MB download goes through the first only).
         [--log-level info] [--profile out.svg]   # py-spy record of exposrd
         [--metrics-compare]                      # the same through an exposrd with /metrics
         [--profile-client out.txt]               # ... and of the exposr client
+        [--client-arg=--http-mode [--client-arg=--no-inspect]]   # the client in HTTP mode
 
 ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
 tunnel run at the largest connection count.
@@ -252,6 +253,9 @@ def main():
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
     ap.add_argument("--profile-client", help="the same for the exposr client")
     ap.add_argument("--no-download", action="store_true", help="skip the 100 MB download")
+    ap.add_argument("--client-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument of `exposr tunnel connect` (repeat it), e.g. --client-arg=--http-mode "
+                         "--client-arg=--inspect=127.0.0.1:0 (the inspector on) or --client-arg=--no-inspect")
     ap.add_argument("--downloads", type=int, default=3, help="100 MB downloads each way (median, default 3)")
     ap.add_argument("--metrics-compare", action="store_true",
                     help="also through a second exposrd with --admin-enable (/metrics counting on)")
@@ -284,7 +288,7 @@ def main():
             wait_port(port)
             client, client_log = start([py, "-c", "from exposr.client.cli import main; main()",
                                         "-s", f"http://127.0.0.1:{port}/", "tunnel", "connect", TUNNEL,
-                                        f"http://127.0.0.1:{tport}"], name + "-client")
+                                        f"http://127.0.0.1:{tport}", *args.client_arg], name + "-client")
             wait_file(client_log, rb"Ingress HTTP")
             return server, client
 
