@@ -18,6 +18,8 @@ of garbage allows no one.
 
 import ipaddress
 
+from exposr import clientaddr
+
 MAX_ENTRIES = 50  # CIDRs per tunnel
 CACHE_MAX = 10000  # cached parsed lists / verdicts (each cache is cleared when full)
 
@@ -64,25 +66,20 @@ def networks(allow):
     return nets
 
 
-def _address(ip):
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]"))
-    except (ValueError, AttributeError):
+def rule(tunnel, name, kind):
+    """The record's ``access.<name>`` when it is a non-empty ``kind``, else None."""
+    access = tunnel.get("access")
+    if not access or type(access) is not dict:
         return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr
+    value = access.get(name)
+    if not value or type(value) is not kind:
+        return None
+    return value
 
 
 def allow_list(tunnel):
     """The record's allow list (a list of strings), or None when it has none."""
-    access = tunnel.get("access")
-    if not access or type(access) is not dict:
-        return None
-    allow = access.get("allow")
-    if not allow or type(allow) is not list:
-        return None
-    return allow
+    return rule(tunnel, "allow", list)
 
 
 def _entry(allow):
@@ -110,7 +107,7 @@ def allowed(tunnel, ip):
     verdicts = entry[1]
     verdict = verdicts.get(ip)
     if verdict is None:
-        addr = _address(ip) if ip else None
+        addr = clientaddr.parse_ip(ip) if ip else None
         verdict = addr is not None and any(addr in net for net in entry[2])
         if len(verdicts) >= CACHE_MAX:
             verdicts.clear()
@@ -124,7 +121,7 @@ def public_view(tunnel):
     allow = allow_list(tunnel)
     if allow:
         out["allow"] = list(allow)
-    auth = tunnel.get("access", {}).get("http_auth") if type(tunnel.get("access")) is dict else None
-    if type(auth) is dict and auth.get("user"):
+    auth = rule(tunnel, "http_auth", dict)
+    if auth is not None and auth.get("user"):
         out["http_auth"] = {"user": auth["user"]}  # never the hash
     return out

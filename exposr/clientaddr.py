@@ -13,15 +13,21 @@ def parse_networks(cidrs):
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def normalise_ip(text):
-    """An IP literal as a normalised string (IPv4-mapped IPv6 unmapped), or None."""
+def parse_ip(text):
+    """An IP literal as an address object (IPv4-mapped IPv6 unmapped), or None."""
     try:
         addr = ipaddress.ip_address(text.strip().strip("[]"))
     except (ValueError, AttributeError):
         return None
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return str(addr)
+    return addr
+
+
+def normalise_ip(text):
+    """An IP literal as a normalised string (IPv4-mapped IPv6 unmapped), or None."""
+    addr = parse_ip(text)
+    return None if addr is None else str(addr)
 
 
 def is_trusted(peer_ip, networks):

@@ -47,17 +47,6 @@ def valid_password(password):
     return isinstance(password, str) and 0 < len(password.encode("utf-8", "surrogatepass")) <= MAX_PASSWORD
 
 
-def rule(tunnel):
-    """The record's ``access.http_auth`` ({"user", "hash"}), or None."""
-    access = tunnel.get("access")
-    if not access or type(access) is not dict:
-        return None
-    auth = access.get("http_auth")
-    if not auth or type(auth) is not dict:
-        return None
-    return auth
-
-
 def credentials(value):
     """(user, password) of an ``Authorization: Basic`` value (bytes), or None."""
     scheme, _, token = value.strip().partition(b" ")
