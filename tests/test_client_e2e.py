@@ -4,34 +4,17 @@ import io
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from twisted.web import resource, server, static
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from exposr.client import cli
 from exposr.client.rest import ApiClient
-from tests.test_client_fakes import within
+from tests.test_client_fakes import real_server_and_target, within
 
 
 class RealServerTests(unittest.TestCase):
-    @defer.inlineCallbacks
     def setUp(self):
-        from exposr.config import Config
-        from exposr.server import ExposrService
-
-        config = Config(api_port=0, ingress_http_port=0, admin_port=0, admin_api_port=0,
-                        ingress_http_url="http://localhost.test", allow_registration=True)
-        self.service = ExposrService(config, reactor)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-        yield within(self.service.when_started())
-        self.port = self.service.listeners["api"].port.getHost().port
-        self.server_url = f"http://127.0.0.1:{self.port}/"
-        root = resource.Resource()
-        root.putChild(b"hello", static.Data(b"hello through the tunnel", "text/plain"))
-        target = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
-        self.addCleanup(target.stopListening)
-        self.target_url = f"http://127.0.0.1:{target.getHost().port}"
+        return real_server_and_target(self, body=b"hello through the tunnel")
 
     @defer.inlineCallbacks
     def ingress_get(self, tunnel_id, path):

@@ -395,3 +395,30 @@ def listen_tls(factory, testcase):
     port = reactor.listenSSL(0, factory, self_signed(), interface="127.0.0.1")
     testcase.addCleanup(port.stopListening)
     return port.getHost().port
+
+
+@defer.inlineCallbacks
+def real_server_and_target(case, body=b"hello", **config):
+    """An in-process exposrd on port 0 and a twisted.web target serving ``/hello``.
+
+    Sets ``case.service``, ``case.port``, ``case.server_url`` and ``case.target_url``;
+    both stop at the end of the test.
+    """
+    from twisted.web import resource, server, static
+
+    from exposr.config import Config
+    from exposr.server import ExposrService
+
+    config = Config(**{"api_port": 0, "ingress_http_port": 0, "admin_port": 0, "admin_api_port": 0,
+                       "ingress_http_url": "http://localhost.test", "allow_registration": True, **config})
+    case.service = ExposrService(config, reactor)
+    case.service.startService()
+    case.addCleanup(case.service.stopService)
+    yield within(case.service.when_started())
+    case.port = case.service.listeners["api"].port.getHost().port
+    case.server_url = f"http://127.0.0.1:{case.port}/"
+    root = resource.Resource()
+    root.putChild(b"hello", static.Data(body, "text/plain"))
+    target = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
+    case.addCleanup(target.stopListening)
+    case.target_url = f"http://127.0.0.1:{target.getHost().port}"

@@ -7,11 +7,10 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import resource, server, static
 
 from exposr.client import cli, output
 from exposr.client.rest import ApiClient
-from tests.test_client_fakes import within
+from tests.test_client_fakes import real_server_and_target, within
 
 
 class LinePrinterTests(unittest.TestCase):
@@ -63,25 +62,8 @@ class LinePrinterTests(unittest.TestCase):
 class ConnectOutputTests(unittest.TestCase):
     """The events of a real connection to the in-process server."""
 
-    @defer.inlineCallbacks
     def setUp(self):
-        from exposr.config import Config
-        from exposr.server import ExposrService
-
-        config = Config(api_port=0, ingress_http_port=0, admin_port=0, admin_api_port=0,
-                        ingress_http_url="http://localhost.test", allow_registration=True,
-                        transport_max_connections=1)
-        self.service = ExposrService(config, reactor)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-        yield within(self.service.when_started())
-        port = self.service.listeners["api"].port.getHost().port
-        self.server_url = f"http://127.0.0.1:{port}/"
-        root = resource.Resource()
-        root.putChild(b"hello", static.Data(b"hello", "text/plain"))
-        target = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
-        self.addCleanup(target.stopListening)
-        self.target_url = f"http://127.0.0.1:{target.getHost().port}"
+        return real_server_and_target(self, transport_max_connections=1)
 
     @defer.inlineCallbacks
     def connect_and_drop(self, *flags):

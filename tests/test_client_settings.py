@@ -7,11 +7,10 @@ import stat
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from twisted.web import resource, server, static
 
 from exposr.client import cli, settings
 from tests.test_client import ACCOUNT, _Base
-from tests.test_client_fakes import within
+from tests.test_client_fakes import real_server_and_target, within
 
 
 def run(c, *argv):
@@ -158,24 +157,8 @@ class AccountCreateRemembersTests(_Base):
 class ImplicitAccountTests(unittest.TestCase):
     """`tunnel connect` without an account creates one and remembers it (real server)."""
 
-    @defer.inlineCallbacks
     def setUp(self):
-        from exposr.config import Config
-        from exposr.server import ExposrService
-
-        config = Config(api_port=0, ingress_http_port=0, admin_port=0, admin_api_port=0,
-                        ingress_http_url="http://localhost.test", allow_registration=True)
-        self.service = ExposrService(config, reactor)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-        yield within(self.service.when_started())
-        port = self.service.listeners["api"].port.getHost().port
-        self.server_url = f"http://127.0.0.1:{port}/"
-        root = resource.Resource()
-        root.putChild(b"hello", static.Data(b"hello", "text/plain"))
-        target = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
-        self.addCleanup(target.stopListening)
-        self.target_url = f"http://127.0.0.1:{target.getHost().port}"
+        return real_server_and_target(self)
 
     @defer.inlineCallbacks
     def test_connect_remembers_the_new_account(self):
