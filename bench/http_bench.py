@@ -15,13 +15,15 @@ and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
 own client, runs the tunnel measurements through both, alternating, and
 prints a column for it (the 100 MB download goes through the first only).
 
-    .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web]
+    .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web|nginx]
         [--log-level info] [--profile out.svg]   # py-spy record of exposrd
         [--metrics-compare]                      # the same through an exposrd with /metrics
         [--profile-client out.txt]               # ... and of the exposr client
         [--client-arg=--http-mode [--client-arg=--no-inspect]]   # the client in HTTP mode
 
-``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
+``--target nginx`` serves the same two answers from an ``nginx`` of this run (``apt-get install -y
+nginx``; one worker, its own prefix, config and port in a temporary directory): a target much faster
+than the Python ones, so the tunnel's own cost shows. ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
 tunnel run at the largest connection count.
 """
 
@@ -94,6 +96,58 @@ def run_web_target(port):
     site.log = lambda request: None
     reactor.listenTCP(port, site, interface="127.0.0.1", backlog=1024)
     reactor.run()
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        root {tmp}/www;
+        default_type text/plain;
+        location = / {{ try_files /index.txt =404; }}
+        location = /big {{ default_type application/octet-stream; }}
+    }}
+}}
+"""
+
+
+def nginx_argv(port, tmp):
+    """Write an nginx prefix for `port` under `tmp` (100-byte / and the 100 MB /big); its argv."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        raise SystemExit("--target nginx needs nginx (apt-get install -y nginx)")
+    www = os.path.join(tmp, "www")
+    os.makedirs(www, exist_ok=True)
+    # (nginx started as root serves as `nobody`: the files must be readable by it)
+    os.chmod(tmp, 0o755)
+    with open(os.path.join(www, "index.txt"), "wb") as f:
+        f.write(b"x" * 100)
+    with open(os.path.join(www, "big"), "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(BIG // len(block)):
+            f.write(block)
+        f.write(block[: BIG % len(block)])
+    for name in ("index.txt", "big"):
+        os.chmod(os.path.join(www, name), 0o644)
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(tmp=tmp, port=port))
+    return [nginx, "-p", tmp, "-c", conf]
 
 
 def run_target(port):
@@ -247,8 +301,9 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--connections", default="10,50")
     ap.add_argument("--log-level", default="info", help="exposrd --log-level (default info)")
-    ap.add_argument("--target", choices=["raw", "web"], default="raw",
-                    help="raw: a Twisted protocol answering fixed bytes (default); web: a twisted.web Site")
+    ap.add_argument("--target", choices=["raw", "web", "nginx"], default="raw",
+                    help="raw: a Twisted protocol answering fixed bytes (default); web: a twisted.web Site; "
+                         "nginx: an nginx of this run (one worker)")
     ap.add_argument("--profile", help="py-spy record of exposrd during the last tunnel wrk run "
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
     ap.add_argument("--profile-client", help="the same for the exposr client")
@@ -277,7 +332,10 @@ def main():
 
     try:
         tport, sport = free_port(), free_port()
-        start([py, os.path.abspath(__file__), "--target", str(tport), args.target], "target")
+        if args.target == "nginx":
+            start(nginx_argv(tport, tmp), "target")
+        else:
+            start([py, os.path.abspath(__file__), "--target", str(tport), args.target], "target")
         wait_port(tport)
 
         def server_and_client(port, name, extra=()):
