@@ -20,10 +20,14 @@ prints a column for it (the 100 MB download goes through the first only).
         [--metrics-compare]                      # the same through an exposrd with /metrics
         [--profile-client out.txt]               # ... and of the exposr client
         [--client-arg=--http-mode [--client-arg=--no-inspect]]   # the client in HTTP mode
+        [--syscalls]                             # system calls per request (perf stat)
 
 ``--target nginx`` serves the same two answers from an ``nginx`` of this run (``apt-get install -y
 nginx``; one worker, its own prefix, config and port in a temporary directory): a target much faster
-than the Python ones, so the tunnel's own cost shows. ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
+than the Python ones, so the tunnel's own cost shows. ``--syscalls`` counts, with ``perf stat`` (``apt-get install -y linux-perf``; the
+syscall tracepoints, not hardware counters), the system calls of ``exposrd`` and of the client
+during each tunnel run and prints them per request: all of them, and the reads, writes,
+``epoll_wait`` and ``epoll_ctl`` among them. ``--profile`` needs ``py-spy`` (``pip install py-spy``); the profile covers the
 tunnel run at the largest connection count.
 """
 
@@ -283,6 +287,38 @@ def cpu_seconds(pid):
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+SYSCALL_EVENTS = {
+    "all": "raw_syscalls:sys_enter",
+    "read": "syscalls:sys_enter_recvfrom,syscalls:sys_enter_read",
+    "write": "syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_sendmsg,syscalls:sys_enter_writev",
+    "epoll_wait": "syscalls:sys_enter_epoll_wait",
+    "epoll_ctl": "syscalls:sys_enter_epoll_ctl",
+}
+
+
+class SyscallCounter:
+    """``perf stat`` of one process's system calls, from now until `stop`."""
+
+    def __init__(self, pid):
+        if shutil.which("perf") is None:
+            raise SystemExit("--syscalls needs perf (apt-get install -y linux-perf)")
+        events = ",".join(SYSCALL_EVENTS.values())
+        self.out = tempfile.NamedTemporaryFile("w+", suffix=".perf")
+        self.proc = subprocess.Popen(["perf", "stat", "-x", ",", "-o", self.out.name, "-e", events, "-p", str(pid)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # perf attaches
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        counts = {}
+        for line in open(self.out.name):
+            parts = line.strip().split(",")
+            if len(parts) > 2 and parts[0].isdigit():
+                counts[parts[2]] = int(parts[0])
+        return {k: sum(counts.get(e, 0) for e in v.split(",")) for k, v in SYSCALL_EVENTS.items()}
+
+
 def download(url, host=None):
     argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download} %{http_code}", url]
     if host:
@@ -311,6 +347,8 @@ def main():
     ap.add_argument("--client-arg", action="append", default=[], metavar="ARG",
                     help="extra argument of `exposr tunnel connect` (repeat it), e.g. --client-arg=--http-mode "
                          "--client-arg=--inspect=127.0.0.1:0 (the inspector on) or --client-arg=--no-inspect")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="system calls per request of exposrd and the client (perf stat, syscall tracepoints)")
     ap.add_argument("--downloads", type=int, default=3, help="100 MB downloads each way (median, default 3)")
     ap.add_argument("--metrics-compare", action="store_true",
                     help="also through a second exposrd with --admin-enable (/metrics counting on)")
@@ -376,10 +414,13 @@ def main():
                          "-d", str(args.duration), "-r", "200", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             def through(server, client, url, host):
+                counters = [SyscallCounter(p.pid) for p in (server, client)] if args.syscalls else []
                 cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
                 t = wrk(url, c, args.duration, host)
                 cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
                 n = max(1, t["requests"])
+                for key, counter in zip(("server", "client"), counters):
+                    t[key + "_sys"] = {k: v / n for k, v in counter.stop().items()}
                 for key, i in (("server", 0), ("client", 1)):
                     usr, sys_ = ((cpu1[i][k] - cpu0[i][k]) * 1e6 / n for k in (0, 1))
                     t[key + "_us"], t[key + "_split"] = usr + sys_, f"({usr:.0f}+{sys_:.0f})"
@@ -409,6 +450,11 @@ def main():
                 if row is not None:
                     print(f"{'':4}CPU us/req {name}exposrd{row['server_us']:>8.1f} {row['server_split']:<10} "
                           f"exposr{row['client_us']:>8.1f} {row['client_split']} (user+sys)")
+            if "server_sys" in t:
+                for name in ("server", "client"):
+                    per = t[name + "_sys"]
+                    print(f"{'':4}syscalls/req {'exposrd' if name == 'server' else 'exposr':<8}"
+                          + " ".join(f"{k} {v:.2f}" for k, v in per.items()))
             if d["non2xx"] or t["non2xx"]:
                 print(f"{'':10}non-2xx{d['non2xx']:>19}{t['non2xx']:>22}")
         if metered is not None:
