@@ -27,7 +27,16 @@ from twisted.logger import Logger
 from exposr.compat.twisted import flush_batched, write_batched
 from exposr.compat.twisted import write_now  # noqa: F401  (the same function: no extra call)
 
-__all__ = ["write_now", "write_soon", "no_delay", "begin_round", "end_round"]
+__all__ = ["write_now", "write_soon", "no_delay", "begin_round", "end_round", "RELAY_READ_SIZE", "relay_reads"]
+
+# Bytes per read of a socket whose bytes go on as ws-multiplex DATA messages:
+# the message (16-byte header) in its WebSocket frame (a head of at most 8
+# bytes below 64 KiB, masked or not) is then at most 65,536 bytes, the size
+# of one read (Twisted's bufferSize) on the other end of the WebSocket. With
+# Twisted's own 65,536 every frame was 30 bytes over: each read of the
+# receiver ended inside a frame, which waited for the next read and was
+# joined with its tail (a copy of the whole frame) before it went on.
+RELAY_READ_SIZE = 65536 - 16 - 8
 
 log = Logger(namespace="exposr.sockwrite")
 
@@ -61,6 +70,12 @@ def end_round():
                 flush_batched(transport)
             except Exception:  # a write error is the transport's own to report; never the reactor's
                 log.failure("flushing a batched write to {transport!r}", transport=transport)
+
+
+def relay_reads(transport):
+    """Read ``transport`` (a TCP socket relayed over ws-multiplex) `RELAY_READ_SIZE` bytes at a time."""
+    if getattr(transport, "bufferSize", None) == 65536:  # a TCP transport with Twisted's default
+        transport.bufferSize = RELAY_READ_SIZE
 
 
 def no_delay(transport):

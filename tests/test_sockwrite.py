@@ -148,3 +148,22 @@ class RoundTests(unittest.TestCase):
         sockwrite.write_now(transport, b"too late")
         yield within(receiver.lost, TIMEOUT)
         self.assertEqual(receiver.received, [])
+
+
+class RelayReadTests(unittest.TestCase):
+    def test_one_read_makes_one_frame_that_fits_one_read_of_the_other_end(self):
+        from exposr.transport import multiplex, wsframes
+
+        data = b"x" * sockwrite.RELAY_READ_SIZE
+        message = multiplex._pack(multiplex.VERSION, multiplex.DATA, 1, 2, len(data)) + data
+        self.assertEqual(len(wsframes.masked_binary_frame(message)), 65536)  # client -> server
+        self.assertLessEqual(len(wsframes.binary_frame(message)), 65536)  # server -> client
+
+    @defer.inlineCallbacks
+    def test_relay_reads_sets_the_read_size_of_a_tcp_transport_only(self):
+        transport, _ = yield _pair(self)
+        sockwrite.relay_reads(transport)
+        self.assertEqual(transport.bufferSize, sockwrite.RELAY_READ_SIZE)
+        other = StringTransport()
+        sockwrite.relay_reads(other)
+        self.assertFalse(hasattr(other, "bufferSize"))

@@ -42,7 +42,7 @@ from zope.interface import implementer
 from exposr.client import httpmode
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
-from exposr.sockwrite import no_delay, write_now, write_soon
+from exposr.sockwrite import no_delay, relay_reads, write_now, write_soon
 from exposr.transport import multiplex, wsframes
 
 log = Logger(namespace="exposr.client")
@@ -93,6 +93,8 @@ class _Target(Protocol):
         # requests are relayed as they come (a head, then its body): Nagle
         # would hold the second write for the target's delayed ACK (40 ms)
         no_delay(self.transport)
+        # each read: one DATA message whose frame fits one read of the server
+        relay_reads(self.transport)
         self.splice.target_up(self)
 
     def dataReceived(self, data):

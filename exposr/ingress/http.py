@@ -25,7 +25,7 @@ from exposr import errors, httpauth
 from exposr.log import AccessLog
 from exposr.router import Reason, Refusal
 from exposr.ingress import errorpage, forwarding, httphead
-from exposr.sockwrite import no_delay, write_now
+from exposr.sockwrite import no_delay, relay_reads, write_now
 from exposr.ingress.httphead import Body, End, Head, HeadError, Raw
 
 log = Logger(namespace="exposr.ingress.http")
@@ -485,7 +485,7 @@ class IngressSession(protocol.Protocol):
         self.auth_ok = None  # (rule, Authorization value) that basic auth last let through
 
     def connectionMade(self):
-        # Twisted's bufferSize (64 KiB) is left as it is: it is both the size
+        # Twisted's bufferSize (64 KiB, less the frame overhead: `relay_reads`) is kept: it is both the size
         # of every recv() (a larger one costs an mmap per read: measured 10%
         # of the server's CPU at 100-byte responses) and the user-space
         # backlog that pauses the stream. Responses are written straight to
@@ -495,6 +495,8 @@ class IngressSession(protocol.Protocol):
         # Responses are relayed as they come (a head, then its body): Nagle
         # would hold the second write for the client's delayed ACK (40 ms)
         no_delay(self.transport)
+        # (a request body read goes on as one ws-multiplex frame that fits one read of the client)
+        relay_reads(self.transport)
         self.ingress.sessions.add(self)
         if self.ingress.stats is not None:
             self.ingress.stats.connections += 1
