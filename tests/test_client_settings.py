@@ -135,12 +135,17 @@ class AccountCreateRemembersTests(_Base):
         # no -s, no -a: both come from the file
         self.api.add("GET", f"/v1/account/{ACCOUNT}/token", 403, {"error": "PERMISSION_DENIED"})
         code, out, err = yield run(new_cli(environ), "tunnel", "info", "t1")
-        self.assertEqual((code, err), (1, "Permission denied\n"))
+        # (a server with memory storage forgets the account when it restarts: say how to go on)
+        self.assertEqual((code, err), (1, f"Permission denied: the account {ACCOUNT} remembered in {path} "
+                                          f"is not known to {self.api.url}/; `exposr config unset account` "
+                                          "forgets it (`tunnel connect` then creates a new one)\n"))
         self.assertEqual(self.api.requests[-1]["path"], f"/v1/account/{ACCOUNT}/token")
-        # the environment wins over the file
+        # the environment wins over the file (and a refusal of a given account says only that)
+        self.api.add("GET", "/v1/account/ABCD/token", 403, {"error": "PERMISSION_DENIED"})
         code, out, err = yield run(new_cli(dict(environ, EXPOSR_ACCOUNT="ABCD")),
                                    "tunnel", "info", "t1")
         self.assertEqual(self.api.requests[-1]["path"], "/v1/account/ABCD/token")
+        self.assertEqual((code, err), (1, "Permission denied\n"))
         # another server does not get this server's account
         sent = len(self.api.requests)
         code, out, err = yield run(new_cli(environ), "-s", "http://127.0.0.1:1/",

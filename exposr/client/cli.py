@@ -255,6 +255,11 @@ class Cli:
             if e.code == "NO_ACCOUNT":
                 message += (": use -a/--account or EXPOSR_ACCOUNT, or get one with "
                             "`exposr account create` (it is remembered)")
+            elif e.code == "PERMISSION_DENIED" and getattr(opts, "account_source", None) == "config file":
+                # (a server with memory storage forgets every account when it restarts)
+                message += (f": the account {opts.account} remembered in {self.settings.path} is not "
+                            f"known to {opts.server}; `exposr config unset account` forgets it "
+                            "(`tunnel connect` then creates a new one)")
             self.err.write(f"{message}\n")
             self.err.flush()
             return 1
@@ -270,6 +275,7 @@ class Cli:
         values = settings.resolve_all({"server": opts.server, "account": opts.account},
                                       self.environ, self.stored)
         opts.server, opts.account = values["server"][0], values["account"][0]
+        opts.account_source = values["account"][1]
 
     def _remember(self, server, account):
         """Store a new account (and its server) in the config file, saying so."""
