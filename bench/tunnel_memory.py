@@ -400,7 +400,7 @@ def one_run(n_asked, args, tmp, hard):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")}
     server_env = dict(env)
     if args.tracemalloc:
-        server_env["PYTHONTRACEMALLOC"] = "1"
+        server_env["PYTHONTRACEMALLOC"] = str(args.frames)
     log = open(os.path.join(tmp, f"exposrd-{n_asked}.log"), "wb")
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER, dump, "--allow-registration", "--storage-url", "memory://",
@@ -500,7 +500,7 @@ def one_run(n_asked, args, tmp, hard):
             ok += got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\nok")
         print(f"{'':38} {ok} of {len(sample)} sampled tunnels answered 200 through exposrd", flush=True)
         final_stats, final_tm = stats()
-        breakdown(idle_stats, final_stats, idle_tm, final_tm, n, args.top)
+        breakdown(idle_stats, final_stats, idle_tm, final_tm, n, args.top, args.frames)
         return rows, rss_start, rss_idle, n, ok == len(sample) and held == 2 * n
     finally:
         for w in workers:
@@ -516,7 +516,7 @@ def one_run(n_asked, args, tmp, hard):
             server.kill()
 
 
-def breakdown(before, after, tm_before, tm_after, n, top):
+def breakdown(before, after, tm_before, tm_after, n, top, frames=1):
     diff = []
     for key in set(before) | set(after):
         c0, s0 = before.get(key, [0, 0])
@@ -534,16 +534,21 @@ def breakdown(before, after, tm_before, tm_after, n, top):
 
         s0 = tracemalloc.Snapshot.load(tm_before)
         s1 = tracemalloc.Snapshot.load(tm_after)
-        stats = s1.compare_to(s0, "lineno")
+        stats = s1.compare_to(s0, "lineno" if frames == 1 else "traceback")
         total = sum(s.size_diff for s in stats)
         print(f"  tracemalloc, idle -> x 2, per tunnel: {total / n / 1024:.2f} KiB; top sites:")
-        for s in stats[:top]:
-            frame = s.traceback[0]
+
+        def where(frame):
             name = frame.filename
-            for marker in ("/site-packages/", ROOT + "/"):
+            for marker in ("/site-packages/", ROOT + "/", "/lib/python3."):
                 if marker in name:
                     name = name.split(marker, 1)[1]
-            print(f"    {s.size_diff / n:8.0f} B  {s.count_diff / n:6.2f}  {name}:{frame.lineno}")
+            return f"{name}:{frame.lineno}"
+
+        for s in stats[:top]:
+            print(f"    {s.size_diff / n:8.0f} B  {s.count_diff / n:6.2f}  {where(s.traceback[-1])}")
+            for frame in list(s.traceback)[-2::-1]:
+                print(f"    {'':24}{where(frame)}")
     print(flush=True)
 
 
@@ -560,6 +565,8 @@ def main():
     ap.add_argument("--settle", type=float, default=1.0, help="seconds before each RSS reading")
     ap.add_argument("--top", type=int, default=15, help="lines of each breakdown")
     ap.add_argument("--tracemalloc", action="store_true", help="also tracemalloc's top sites (slower)")
+    ap.add_argument("--frames", type=int, default=1,
+                    help="with --tracemalloc: frames kept per allocation; above 1, the top tracebacks are shown")
     args = ap.parse_args()
     hard = raise_nofile()
     tmp = tempfile.mkdtemp(prefix="exposr-mem-")

@@ -65,8 +65,9 @@ _HANDSHAKE_ONLY = frozenset((
 #   autobahn starts every connection with, and
 # * ``send_queue`` while it is empty (the class value is an empty tuple: the
 #   queue of sync/chopped sends, which exposrd never makes), ``utf8validator``
-#   (made again on the first text message: `_PerInstance`) and
-#   ``trafficStats`` (counters autobahn keeps and nobody reads: one shared).
+#   (made again on the first text message: `_PerInstance`), ``trafficStats``
+#   (counters autobahn keeps and nobody reads: one shared) and the resolved
+#   ``is_open`` (the class value is a resolved Deferred).
 _INITIAL_STATE = {
     "_perMessageCompress": None, "trackedTimings": None, "wasNotCleanReason": None,
     "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
@@ -123,6 +124,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
 
     local = True
     send_queue = ()
+    is_open = defer.succeed(None)  # once open (autobahn's own is resolved then dropped)
     utf8validator = _PerInstance(Utf8Validator)
     trafficStats = TrafficStats()
     # name -> class value, for `_compact` (the factory's options are added by
@@ -164,17 +166,21 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self.transport.registerProducer(_CarrierProducer(self), True)
         self._keepalive = multiplex.KeepAlive(clock.seconds())
         self._pinger = clock.callLater(multiplex.PING_INTERVAL, self._ping)
-        self._compact()
+        # autobahn resolves is_open right after onOpen: compact then
+        self.is_open.addCallback(self._compact)
         d = self.service.connections.register(self, self.account_id)
         d.addCallbacks(self._registered, self._register_failed)
 
-    def _compact(self):
+    def _compact(self, result=None):
         """Rebuild the instance dict without what the class holds (see `_HANDSHAKE_ONLY`)."""
         values = self._CLASS_VALUES
         state = self.__dict__
         if not state.get("send_queue", True):
             del state["send_queue"]
         state.pop("utf8validator", None)
+        state.pop("trafficStats", None)
+        if state.get("is_open") is not None and state["is_open"].called:
+            del state["is_open"]
         self.__dict__ = {k: v for k, v in state.items()
                          if k not in _HANDSHAKE_ONLY and (k not in values or values[k] is not v)}
 
