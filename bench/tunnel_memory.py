@@ -266,7 +266,7 @@ async def worker_main(port, src):
             held.discard(ws)
             dropped[0] += 1
 
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)  # a command lists thousands of tunnels
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     def answer(obj):
@@ -398,7 +398,7 @@ def one_run(n_asked, args, tmp, hard):
     port = free_port()
     dump = os.path.join(tmp, f"dump-{n_asked}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")}
-    server_env = dict(env)
+    server_env = dict(env, PYTHONPATH=args.code)
     if args.tracemalloc:
         server_env["PYTHONTRACEMALLOC"] = str(args.frames)
     log = open(os.path.join(tmp, f"exposrd-{n_asked}.log"), "wb")
@@ -406,7 +406,7 @@ def one_run(n_asked, args, tmp, hard):
         [sys.executable, "-c", SERVER, dump, "--allow-registration", "--storage-url", "memory://",
          "--ingress-http-url", f"http://localhost:{port}", "--api-port", str(port),
          "--ingress-http-port", str(port), "--listen-address", "127.0.0.1", "--log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env, preexec_fn=raise_nofile)
+        stdout=log, stderr=subprocess.STDOUT, cwd=args.code, env=server_env, preexec_fn=raise_nofile)
     workers = []
     dumps = [0]
 
@@ -567,10 +567,13 @@ def main():
     ap.add_argument("--tracemalloc", action="store_true", help="also tracemalloc's top sites (slower)")
     ap.add_argument("--frames", type=int, default=1,
                     help="with --tracemalloc: frames kept per allocation; above 1, the top tracebacks are shown")
+    ap.add_argument("--code", default=ROOT, help="the tree whose exposr package exposrd runs (default: this one), "
+                    "e.g. an exported older commit for a before/after comparison")
     args = ap.parse_args()
+    args.code = os.path.abspath(args.code)
     hard = raise_nofile()
     tmp = tempfile.mkdtemp(prefix="exposr-mem-")
-    print(f"exposrd {ROOT}; RLIMIT_NOFILE {hard}; logs in {tmp}\n", flush=True)
+    print(f"exposrd {args.code}; RLIMIT_NOFILE {hard}; logs in {tmp}\n", flush=True)
     summary = []
     ok = True
     for n_asked in [int(x) for x in args.tunnels.split(",")]:

@@ -54,20 +54,22 @@ CLOSE_DRAIN_TIMEOUT = 10.0
 # Memory per connection (docs/architecture.rst, "Memory"): autobahn keeps ~100
 # attributes per protocol instance, in an instance dict of several KiB. Once the
 # WebSocket is open, `TunnelWebSocket._compact` rebuilds that dict without
-# * what only the opening handshake reads:
+# * what only the opening handshake reads (`_HANDSHAKE_ONLY`);
+# * values that are class attributes of the same name (`_CLASS_VALUES`, the
+#   same object): the factory's options (autobahn copies them into every
+#   instance) and the state autobahn starts every connection with
+#   (`_INITIAL_STATE`);
+# * values equal to those of `_EQUAL_VALUES` (the same for every connection);
+# * ``send_queue`` while it is empty (the class value is an empty tuple: the
+#   queue of sync/chopped sends, which exposrd never makes), the resolved
+#   ``is_open`` (the class value is a resolved Deferred), ``utf8validator``
+#   (made again on the first text message, `_PerInstance`) and
+#   ``trafficStats`` (counters autobahn keeps and nobody reads: one shared).
 _HANDSHAKE_ONLY = frozenset((
     "http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
     "http_request_params", "http_request_host", "http_response_data", "_wskey", "websocket_origin",
     "websocket_protocols", "websocket_extensions", "_transport_details",
 ))
-# * values equal to class attributes of the same name (`_CLASS_VALUES`): the
-#   factory's options (copied by autobahn into every instance), the state
-#   autobahn starts every connection with, and
-# * ``send_queue`` while it is empty (the class value is an empty tuple: the
-#   queue of sync/chopped sends, which exposrd never makes), ``utf8validator``
-#   (made again on the first text message: `_PerInstance`), ``trafficStats``
-#   (counters autobahn keeps and nobody reads: one shared) and the resolved
-#   ``is_open`` (the class value is a resolved Deferred).
 _INITIAL_STATE = {
     "_perMessageCompress": None, "trackedTimings": None, "wasNotCleanReason": None,
     "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
@@ -79,6 +81,10 @@ _INITIAL_STATE = {
     "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
     "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False, "inside_message": False,
     "registered": False, "_paused": False, "_closing": False, "autoPingPendingSeq": 0,
+}
+_EQUAL_VALUES = {
+    "_valid_events": ["message"], "_results": {"message": None}, "websocket_extensions_in_use": [],
+    "websocket_version": 13,
 }
 
 
@@ -127,6 +133,10 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     is_open = defer.succeed(None)  # once open (autobahn's own is resolved then dropped)
     utf8validator = _PerInstance(Utf8Validator)
     trafficStats = TrafficStats()
+    _valid_events = _EQUAL_VALUES["_valid_events"]  # read only
+    _results = _PerInstance(lambda: dict(_EQUAL_VALUES["_results"]))
+    websocket_extensions_in_use = _PerInstance(list)
+    websocket_version = _EQUAL_VALUES["websocket_version"]
     # name -> class value, for `_compact` (the factory's options are added by
     # `WSTransport`'s subclass)
     _CLASS_VALUES = dict(_INITIAL_STATE, trafficStats=trafficStats)
@@ -152,7 +162,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def onOpen(self):
         # autobahn's connectionMade overwrote ``peer`` with "tcp4:host:port";
         # the registry wants the client's IP address (ITunnelConnection.peer)
-        self.peer = self._peer_ip
+        self.peer = self.__dict__.pop("_peer_ip")
         # autobahn tries TCP_NODELAY before its options are set and fails
         # silently: small PAUSE/RESUME/OPEN frames then wait for delayed ACKs
         no_delay(self.transport)
@@ -182,7 +192,8 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if state.get("is_open") is not None and state["is_open"].called:
             del state["is_open"]
         self.__dict__ = {k: v for k, v in state.items()
-                         if k not in _HANDSHAKE_ONLY and (k not in values or values[k] is not v)}
+                         if k not in _HANDSHAKE_ONLY and (k not in values or values[k] is not v)
+                         and (k not in _EQUAL_VALUES or _EQUAL_VALUES[k] != v)}
 
     def _registered(self, ok):
         if not ok:
