@@ -139,7 +139,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     websocket_version = _EQUAL_VALUES["websocket_version"]
     # name -> class value, for `_compact` (the factory's options are added by
     # `WSTransport`'s subclass)
-    _CLASS_VALUES = dict(_INITIAL_STATE, trafficStats=trafficStats)
+    _CLASS_VALUES = dict(_INITIAL_STATE)
 
     def __init__(self, transport_service, tunnel_id, account_id, peer_ip):
         super().__init__()
