@@ -125,6 +125,17 @@ class OpenStateTests(_Base):
         yield e2e.wait_until(lambda: not self.server.service.registry.is_connected(TID))
 
     @defer.inlineCallbacks
+    def test_the_size_limit_still_applies(self):
+        import struct
+
+        ws, conn = yield self.raw_ws()
+        yield self.unknown_channel_round_trip(ws)
+        # a binary frame announcing more than the limit (the factory's option, read after the handshake)
+        ws.transport.write(struct.pack("!BBQ", 0x82, 0xFF, multiplex.DEFAULT_MAX_PAYLOAD + 65) + b"\0\0\0\0")
+        yield within(ws.closed)
+        self.assertEqual(ws.remoteCloseCode, 1009)
+
+    @defer.inlineCallbacks
     def test_pings_go_on_while_the_client_answers(self):
         from twisted.internet import task
 

@@ -20,6 +20,7 @@ they are sent; at most the answers to one read (64 KiB, answered with at most
 for the client to take what is buffered, then the connection is aborted.
 """
 
+import types
 import uuid
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -414,8 +415,10 @@ class WSTransport:
         # every instance, `TunnelWebSocket._compact` drops those copies
         options = {name: getattr(self.factory, name) for name in TunnelWebSocket.CONFIG_ATTRS
                    if hasattr(self.factory, name)}
-        options["_CLASS_VALUES"] = dict(TunnelWebSocket._CLASS_VALUES, **options)
-        self.protocol = type("TunnelWebSocket", (TunnelWebSocket,), options)
+        namespace = {name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+                     for name, value in options.items()}  # (a function option must not become a method)
+        namespace["_CLASS_VALUES"] = dict(TunnelWebSocket._CLASS_VALUES, **options)
+        self.protocol = type("TunnelWebSocket", (TunnelWebSocket,), namespace)
 
     def protocol_for(self, tunnel_id, account_id, peer_ip):
         proto = self.protocol(self, tunnel_id, account_id, peer_ip)
