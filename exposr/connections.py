@@ -118,6 +118,9 @@ class RemoteConnection:
 
 
 class _TunnelState:
+    __slots__ = ("connections", "connected", "alive_connections", "connected_at", "disconnected_at",
+                 "alive_at", "last_used", "ever_connected", "local_alive")
+
     def __init__(self):
         self.connections = {}  # connection_id -> ConnectionRecord
         self.connected = False

@@ -92,6 +92,78 @@ class CloseTests(_Base):
         yield self.assertFailure(conn.open_stream(None), Exception)
 
 
+def _client_frame(opcode, payload=b"", fin=True):
+    """A small client frame, masked with key 0 (the payload as is)."""
+    assert len(payload) < 126
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+class OpenStateTests(_Base):
+    """Once open, the server keeps less per connection (docs/architecture.rst,
+    "Memory"); what autobahn does with what it left out is unchanged."""
+
+    @defer.inlineCallbacks
+    def unknown_channel_round_trip(self, ws):
+        """DATA for an unknown channel: answered (the connection is up, and
+        everything sent before it has been taken)."""
+        ws.sendMessage(multiplex.encode(multiplex.DATA, 42, 7, b"x"), isBinary=True)
+        reply = yield ws.next_message()
+        self.assertEqual(multiplex.decode(reply).type, multiplex.CLOSE)
+
+    @defer.inlineCallbacks
+    def test_text_messages_are_still_validated(self):
+        ws, conn = yield self.raw_ws()
+        # valid text, whole and in two fragments splitting a character: ignored
+        ws.transport.write(_client_frame(1, "héllo".encode()))
+        ws.transport.write(_client_frame(1, b"h\xc3", fin=False) + _client_frame(0, b"\xa9llo"))
+        yield self.unknown_channel_round_trip(ws)
+        self.assertTrue(self.server.service.registry.is_connected(TID))
+        # invalid UTF-8: closed with 1007, as before
+        ws.transport.write(_client_frame(1, b"ok \xc3\x28"))
+        yield within(ws.closed)
+        self.assertEqual(ws.remoteCloseCode, 1007)
+        yield e2e.wait_until(lambda: not self.server.service.registry.is_connected(TID))
+
+    @defer.inlineCallbacks
+    def test_the_size_limit_still_applies(self):
+        import struct
+
+        ws, conn = yield self.raw_ws()
+        yield self.unknown_channel_round_trip(ws)
+        # a binary frame announcing more than the limit (the factory's option, read after the handshake)
+        ws.transport.write(struct.pack("!BBQ", 0x82, 0xFF, multiplex.DEFAULT_MAX_PAYLOAD + 65) + b"\0\0\0\0")
+        yield within(ws.closed)
+        self.assertEqual(ws.remoteCloseCode, 1009)
+
+    @defer.inlineCallbacks
+    def test_pings_go_on_while_the_client_answers(self):
+        from twisted.internet import task
+
+        clock = task.Clock()
+        self.server.ws.clock = clock
+        ws, conn = yield self.raw_ws()
+        pings = []
+        answer = ws.onPing
+
+        def on_ping(payload):
+            pings.append(payload)
+            answer(payload)
+
+        ws.onPing = on_ping
+        for n in range(1, 6):
+            clock.advance(multiplex.PING_INTERVAL)
+            yield e2e.wait_until(lambda: len(pings) == n)
+            # the pong went out before this: the server has taken it once this is answered
+            yield self.unknown_channel_round_trip(ws)
+        self.assertEqual(len(pings), 5)
+        self.assertTrue(self.server.service.registry.is_connected(TID))
+        # the client stops answering: dropped after the ping timeout
+        ws.transport.pauseProducing()
+        for _ in range(3):
+            clock.advance(multiplex.PING_INTERVAL)
+        yield e2e.wait_until(lambda: not self.server.service.registry.is_connected(TID))
+
+
 class FramePathHelpers:
     """A server `TunnelWebSocket` on a StringTransport, fed through the fast
     path or through autobahn's own parser (`_feed_both`)."""

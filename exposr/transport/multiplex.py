@@ -316,6 +316,10 @@ class Multiplexer:
     ``on_warning(text)`` (protocol oddities worth a log line).
     """
 
+    __slots__ = ("_send", "role", "_clock", "_next", "max_channels", "_max_message", "open_timeout",
+                 "close_timeout", "_channels", "_by_remote", "_refused", "closed", "error",
+                 "on_incoming", "on_teardown", "on_warning")
+
     def __init__(self, send, *, role, clock, first_channel=1,
                  max_channels=MAX_CHANNELS, max_payload=DEFAULT_MAX_PAYLOAD,
                  open_timeout=OPEN_TIMEOUT, close_timeout=CLOSE_TIMEOUT):
@@ -333,17 +337,13 @@ class Multiplexer:
         self.close_timeout = close_timeout
         self._channels = {}   # our number -> Channel
         self._by_remote = {}  # peer number -> Channel
-        self._refused = set()  # our numbers of refused peer OPENs, until ACKed
+        # our numbers of refused peer OPENs, until ACKed (a set once there is one)
+        self._refused = _NO_REFUSED
         self.closed = False
         self.error = None
         self.on_incoming = None
         self.on_teardown = _noop
         self.on_warning = _noop
-        self._handlers = {
-            DATA: self._on_data, OPEN: self._on_open, ACK: self._on_ack,
-            CLOSE: self._on_close, PAUSE: self._on_pause,
-            RESUME: self._on_resume,
-        }
 
     # -- public ------------------------------------------------------------
 
@@ -392,9 +392,9 @@ class Multiplexer:
             self.on_warning(f"ws-multiplex: unsupported version {version}")
             self.teardown(ERR_WSM_UNSUPPORTED_PROTOCOL_VERSION)
             return
-        handler = self._handlers.get(mtype)
+        handler = _HANDLERS.get(mtype)
         if handler is not None:
-            handler(dst, src, message)
+            handler(self, dst, src, message)
 
     def teardown(self, error=None):
         """
@@ -409,7 +409,7 @@ class Multiplexer:
         channels = list(self._channels.values())
         self._channels.clear()
         self._by_remote.clear()
-        self._refused.clear()
+        self._refused = _NO_REFUSED
         for ch in channels:
             if ch._timer is not None:
                 ch._timer.cancel()
@@ -531,6 +531,8 @@ class Multiplexer:
                             f"{n}; numbering out of lock-step")
         if refuse:
             # Consume the number (both counters stay in lock-step), then refuse.
+            if self._refused is _NO_REFUSED:
+                self._refused = set()
             self._refused.add(n)
             self._close(ch, ERR_WSM_OPEN_CHANNEL_REJECTED)
         else:
@@ -619,12 +621,23 @@ class Multiplexer:
             ch.on_resume()
 
 
+# message type -> Multiplexer method (one table, not one per multiplexer)
+_HANDLERS = {
+    DATA: Multiplexer._on_data, OPEN: Multiplexer._on_open, ACK: Multiplexer._on_ack,
+    CLOSE: Multiplexer._on_close, PAUSE: Multiplexer._on_pause, RESUME: Multiplexer._on_resume,
+}
+# the empty ``_refused`` of every multiplexer that never refused an OPEN
+_NO_REFUSED = frozenset()
+
+
 class KeepAlive:
     """
     Keep-alive bookkeeping: the binding pings every `PING_INTERVAL` seconds,
     calls ``pong(now)`` on every pong and, at each ping tick, tears the
     multiplexer down with `ERR_WS_PING_TIMEOUT` when ``expired(now)``.
     """
+
+    __slots__ = ("threshold", "last_pong")
 
     def __init__(self, now, threshold=PING_TIMEOUT):
         self.threshold = threshold

@@ -19,6 +19,9 @@ from zope.interface import implementer
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class StreamTransport:
+    __slots__ = ("channel", "_host", "_peer", "protocol", "producer", "disconnecting", "disconnected",
+                 "_peer_paused", "_carrier_paused")
+
     def __init__(self, channel, host, peer):
         self.channel = channel
         self._host = host

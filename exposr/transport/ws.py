@@ -20,11 +20,14 @@ they are sent; at most the answers to one read (64 KiB, answered with at most
 for the client to take what is buffered, then the connection is aborted.
 """
 
+import types
 import uuid
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
-from twisted.internet import defer, task
+from autobahn.websocket.protocol import TrafficStats
+from autobahn.websocket.utf8validator import Utf8Validator
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -49,9 +52,65 @@ MAX_OUTGOING = 64 * 1024
 CLOSE_DRAIN_TIMEOUT = 10.0
 
 
+# Memory per connection (docs/architecture.rst, "Memory"): autobahn keeps ~100
+# attributes per protocol instance, in an instance dict of several KiB. Once the
+# WebSocket is open, `TunnelWebSocket._compact` rebuilds that dict without
+# * what only the opening handshake reads (`_HANDSHAKE_ONLY`);
+# * values that are class attributes of the same name (`_CLASS_VALUES`, the
+#   same object): the factory's options (autobahn copies them into every
+#   instance) and the state autobahn starts every connection with
+#   (`_INITIAL_STATE`);
+# * values equal to those of `_EQUAL_VALUES` (the same for every connection);
+# * ``send_queue`` while it is empty (the class value is an empty tuple: the
+#   queue of sync/chopped sends, which exposrd never makes), the resolved
+#   ``is_open`` (the class value is a resolved Deferred), ``utf8validator``
+#   (made again on the first text message, `_PerInstance`) and
+#   ``trafficStats`` (counters autobahn keeps and nobody reads: one shared).
+_HANDSHAKE_ONLY = frozenset((
+    "http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
+    "http_request_params", "http_request_host", "http_response_data", "_wskey", "websocket_origin",
+    "websocket_protocols", "websocket_extensions", "_transport_details",
+))
+_INITIAL_STATE = {
+    "_perMessageCompress": None, "trackedTimings": None, "wasNotCleanReason": None,
+    "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
+    "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
+    "websocket_protocol_in_use": None, "current_frame": None, "_drain_call": None,
+    "triggered": False, "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False,
+    "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False, "inside_message": False,
+    "registered": False, "_paused": False, "_closing": False, "autoPingPendingSeq": 0,
+}
+_EQUAL_VALUES = {
+    "_valid_events": ["message"], "_results": {"message": None}, "websocket_extensions_in_use": [],
+    "websocket_version": 13,
+}
+
+
+class _PerInstance:
+    """A class attribute made per instance on first use (a non-data descriptor:
+    the instance's own value, when it has one, wins)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.make()
+        return value
+
+
 @implementer(IPushProducer)
 class _CarrierProducer:
     """Registered on the TCP transport: tells the channels when it is full."""
+
+    __slots__ = ("ws",)
 
     def __init__(self, ws):
         self.ws = ws
@@ -71,6 +130,17 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     """One exposr client WebSocket carrying one tunnel."""
 
     local = True
+    send_queue = ()
+    is_open = defer.succeed(None)  # once open (autobahn's own is resolved then dropped)
+    utf8validator = _PerInstance(Utf8Validator)
+    trafficStats = TrafficStats()
+    _valid_events = _EQUAL_VALUES["_valid_events"]  # read only
+    _results = _PerInstance(lambda: dict(_EQUAL_VALUES["_results"]))
+    websocket_extensions_in_use = _PerInstance(list)
+    websocket_version = _EQUAL_VALUES["websocket_version"]
+    # name -> class value, for `_compact` (the factory's options are added by
+    # `WSTransport`'s subclass)
+    _CLASS_VALUES = dict(_INITIAL_STATE)
 
     def __init__(self, transport_service, tunnel_id, account_id, peer_ip):
         super().__init__()
@@ -93,7 +163,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def onOpen(self):
         # autobahn's connectionMade overwrote ``peer`` with "tcp4:host:port";
         # the registry wants the client's IP address (ITunnelConnection.peer)
-        self.peer = self._peer_ip
+        self.peer = self.__dict__.pop("_peer_ip")
         # autobahn tries TCP_NODELAY before its options are set and fails
         # silently: small PAUSE/RESUME/OPEN frames then wait for delayed ACKs
         no_delay(self.transport)
@@ -106,11 +176,25 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         # buffer is full
         self.transport.registerProducer(_CarrierProducer(self), True)
         self._keepalive = multiplex.KeepAlive(clock.seconds())
-        self._pinger = task.LoopingCall(self._ping)
-        self._pinger.clock = clock
-        self._pinger.start(multiplex.PING_INTERVAL, now=False)
+        self._pinger = clock.callLater(multiplex.PING_INTERVAL, self._ping)
+        # autobahn resolves is_open right after onOpen: compact then
+        self.is_open.addCallback(self._compact)
         d = self.service.connections.register(self, self.account_id)
         d.addCallbacks(self._registered, self._register_failed)
+
+    def _compact(self, result=None):
+        """Rebuild the instance dict without what the class holds (see `_HANDSHAKE_ONLY`)."""
+        values = self._CLASS_VALUES
+        state = self.__dict__
+        if not state.get("send_queue", True):
+            del state["send_queue"]
+        state.pop("utf8validator", None)
+        state.pop("trafficStats", None)
+        if state.get("is_open") is not None and state["is_open"].called:
+            del state["is_open"]
+        self.__dict__ = {k: v for k, v in state.items()
+                         if k not in _HANDSHAKE_ONLY and (k not in values or values[k] is not v)
+                         and (k not in _EQUAL_VALUES or _EQUAL_VALUES[k] != v)}
 
     def _registered(self, ok):
         if not ok:
@@ -151,8 +235,9 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
         self._drain_call = None
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
+        if self._pinger is not None and self._pinger.active():
+            self._pinger.cancel()
+        self._pinger = None
         if self.mux is not None:
             self.mux.teardown(multiplex.ERR_WS_SOCKET_CLOSED_UNEXPECTEDLY)
         self._unregister()
@@ -166,11 +251,13 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         now = self.service.clock.seconds()
         if self._keepalive.expired(now):
             log.info("tunnel {tunnel}: no pong for {s} s, dropping", tunnel=self.tunnel_id, s=multiplex.PING_TIMEOUT)
-            self._pinger.stop()
+            self._pinger = None
             self._closing = True
             self.mux.teardown(multiplex.ERR_WS_PING_TIMEOUT)
             self.dropConnection(abort=True)
             return
+        # one timer per connection, re-armed (a LoopingCall costs a Deferred and more)
+        self._pinger = self.service.clock.callLater(multiplex.PING_INTERVAL, self._ping)
         self.sendPing()
 
     def _send(self, data):
@@ -300,6 +387,11 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
             self.mux.teardown(multiplex.ERR_WS_SOCKED_CLOSED)
 
 
+for _name, _value in _INITIAL_STATE.items():
+    setattr(TunnelWebSocket, _name, _value)
+del _name, _value
+
+
 class WSTransport:
     """Builds `TunnelWebSocket` protocols for authorised upgrades.
 
@@ -321,8 +413,16 @@ class WSTransport:
             perMessageCompressionAccept=lambda offers: None,
             failByDrop=False,
         )
+        # the factory's options as class attributes: autobahn copies them into
+        # every instance, `TunnelWebSocket._compact` drops those copies
+        options = {name: getattr(self.factory, name) for name in TunnelWebSocket.CONFIG_ATTRS
+                   if hasattr(self.factory, name)}
+        namespace = {name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+                     for name, value in options.items()}  # (a function option must not become a method)
+        namespace["_CLASS_VALUES"] = dict(TunnelWebSocket._CLASS_VALUES, **options)
+        self.protocol = type("TunnelWebSocket", (TunnelWebSocket,), namespace)
 
     def protocol_for(self, tunnel_id, account_id, peer_ip):
-        proto = TunnelWebSocket(self, tunnel_id, account_id, peer_ip)
+        proto = self.protocol(self, tunnel_id, account_id, peer_ip)
         proto.factory = self.factory
         return proto
