@@ -1003,7 +1003,7 @@ class PostgresStorageTests(StorageTestsMixin, RecoveryTestsMixin, unittest.TestC
         yield within(entered, 10)
         yield self.admin.runQuery(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
-            "AND query LIKE 'SELECT value FROM account%%'",
+            "AND query LIKE 'SELECT value%% FROM account%%'",
             (self.app,),
         )
         gate.callback(None)

@@ -23,6 +23,7 @@ from exposr.storage.base import (
     BaseStorage,
     KeyedLock,
     NotFound,
+    ParsedCache,
     StorageError,
     StorageUnavailable,
     clean,
@@ -58,6 +59,8 @@ class SqliteStorage(BaseStorage):
         self._conn = None
         self._tables = set()
         self._locks = KeyedLock()
+        # parsed large records (accounts with many tunnels) by their text
+        self._parsed = ParsedCache()
         self._cleanup = None
         self._cleanup_d = None
 
@@ -234,9 +237,12 @@ class SqliteStorage(BaseStorage):
                 "SELECT value FROM %s WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)" % table,
                 (key, now),
             ).fetchone()
-            return None if row is None else loads(row[0], "%s:%s" % (ns, key))
+            return None if row is None else row[0]
 
-        return self._table_op(ns, op)
+        return self._table_op(ns, op).addCallback(self._parse, ns, key)
+
+    def _parse(self, text, ns, key):
+        return self._parsed.loads((ns, key), text, "%s:%s" % (ns, key))
 
     def get_multi(self, ns, keys):
         keys = list(keys)
@@ -270,6 +276,7 @@ class SqliteStorage(BaseStorage):
             rows = cur.fetchall()
             return any(exp is None or exp > now for (exp,) in rows)
 
+        self._parsed.forget((ns, key))
         return self._table_op(ns, op)
 
     def list_keys(self, ns, cursor, count):
@@ -318,6 +325,7 @@ class SqliteStorage(BaseStorage):
             if not changed:
                 # deleted (or expired) while fn ran
                 raise NotFound("No such key %s:%s" % (ns, key))
+            self._parsed.written((ns, key), text, new)
             return clean(new)
 
         return self._locks.run("%s:%s" % (ns, key), locked)
