@@ -31,6 +31,7 @@ thread); the WebSockets are held by one thread with ``selectors``.
 
     .venv/bin/python bench/rest_bench.py [--tunnels 1000,4000] [--parallel 16]
         [--storage URL] [--log-level info] [--profile out.svg]   # py-spy record of exposrd, the last N
+        [--profile-idle idle.svg]   # ... while idle with every tunnel connected
 """
 
 import argparse
@@ -55,6 +56,7 @@ from urllib.parse import urlsplit
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BLOCKS = 10
+IDLE = 10.0  # seconds of idle CPU measurement (two cluster announcement rounds, one ping round)
 PY_SPY = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
 OPS = ("account", "token", "put", "patch", "get", "connect")
 SETUP_OPS = ("put", "patch", "get", "connect")
@@ -291,8 +293,8 @@ def expect(status, data, *ok):
     return data
 
 
-def run_one(args, n, profile):
-    """One exposrd, n tunnels: {op: [block stats]}, totals."""
+def run_one(args, n, last):
+    """One exposrd, n tunnels (``last``: the last N, the profiled one): {op: [block stats]}, totals."""
     py = sys.executable
     tmp = tempfile.mkdtemp(prefix="exposr-rest-bench-")
     port, target_port = free_port(), free_port()
@@ -349,9 +351,9 @@ def run_one(args, n, profile):
         bench_cpu0 = sum(os.times()[:2])
         for b in range(BLOCKS):
             chunk = ids[b * block:(b + 1) * block] if b < BLOCKS - 1 else ids[b * block:]
-            if profile and b == BLOCKS - 1:
-                spy = subprocess.Popen([PY_SPY, "record", "-o", profile, "-p", str(server.pid), "-r", "200",
-                                        "--nonblocking"] + (["-f", "raw"] if profile.endswith(".txt") else []),
+            if args.profile and last and b == BLOCKS - 1:
+                spy = subprocess.Popen([PY_SPY, "record", "-o", args.profile, "-p", str(server.pid), "-r", "200",
+                                        "--nonblocking"] + (["-f", "raw"] if args.profile.endswith(".txt") else []),
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for op in OPS:
                 items = range(min(100, len(chunk))) if op == "account" else chunk
@@ -368,10 +370,22 @@ def run_one(args, n, profile):
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
-        time.sleep(0.5)
+        # the server's own work with every tunnel connected and no calls (pings,
+        # cluster announcements, sweeps): over IDLE seconds
+        spy = None
+        if args.profile_idle and last:
+            spy = subprocess.Popen([PY_SPY, "record", "-o", args.profile_idle, "-p", str(server.pid), "-r", "200",
+                                    "-d", str(int(IDLE)), "--nonblocking"]
+                                   + (["-f", "raw"] if args.profile_idle.endswith(".txt") else []),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        c0 = cpu_seconds(server.pid)
+        time.sleep(IDLE)
+        idle = (cpu_seconds(server.pid) - c0) / IDLE
+        if spy is not None:
+            spy.wait(60)
         rss = rss_mb(server.pid)
         held = holder.held
-        return {"stats": stats, "setup_wall": setup_wall, "rss": rss, "held": held, "closed": holder.closed,
+        return {"stats": stats, "setup_wall": setup_wall, "rss": rss, "idle": idle, "held": held, "closed": holder.closed,
                 "errors": errors, "bench_cpu": bench_cpu, "log": log.name}
     finally:
         holder.stop()
@@ -384,22 +398,29 @@ def run_one(args, n, profile):
 
 
 def report(n, r, args):
+    """The table: the first and the last block per operation; "net" is the CPU per call
+    without the background (the idle CPU rate times the share of tunnels connected before
+    the block, spread over the block's calls of that operation)."""
     print(f"\n== {n} tunnels, {args.parallel} in parallel, storage {args.storage}")
-    print(f"{'':9}{'first 10%':>38}  {'last 10%':>38}   {'growth':>6}")
-    print(f"{'':9}" + f"{'calls/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'CPU us':>8}{'bench':>7}  " * 2 + f"{'CPU':>6}")
+    print(f"{'':9}{'first 10%':>38}  {'last 10%':>38}   {'CPU growth':>12}")
+    print(f"{'':9}" + f"{'calls/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'CPU us':>8}{'bench':>7}  " * 2
+          + f"{'raw':>6}{'net':>7}")
+    idle_us = r["idle"] * 1e6
     for op in OPS:
-        cols = []
-        for s in (r["stats"][op][0], r["stats"][op][-1]):
+        cols, net = [], []
+        for b, s in ((0, r["stats"][op][0]), (BLOCKS - 1, r["stats"][op][-1])):
             lat = [x * 1000 for x in s["lat"]]
             cols.append(f"{s['calls'] / s['wall']:>9.0f}{statistics.median(lat) if lat else float('nan'):>8.1f}"
                         f"{percentile(lat, 99):>8.1f}{s['cpu_us']:>8.0f}{s['bench_us']:>7.0f}")
+            net.append(s["cpu_us"] - idle_us * (b / BLOCKS) * s["wall"] / max(1, s["calls"]))
         first, last = r["stats"][op][0]["cpu_us"], r["stats"][op][-1]["cpu_us"]
-        print(f"{op:<9}" + "  ".join(cols) + f"   {last / first if first else float('nan'):>5.2f}x")
+        print(f"{op:<9}" + "  ".join(cols) + f"   {last / first if first else float('nan'):>5.2f}x"
+              f"{net[1] / net[0] if net[0] > 0 else float('nan'):>6.2f}x")
     all_lat = [x for op in SETUP_OPS for s in r["stats"][op] for x in s["lat"]]
     print(f"setup of {n} tunnels (PUT+PATCH+GET+connect): {r['setup_wall']:.1f} s wall, "
           f"{n / r['setup_wall']:.0f} tunnels/s, median call {statistics.median(all_lat) * 1000:.1f} ms, "
           f"p99 {percentile(all_lat, 99) * 1000:.1f} ms")
-    print(f"exposrd RSS with {r['held']} WebSockets held: {r['rss']:.0f} MB; "
+    print(f"exposrd with {r['held']} WebSockets held: RSS {r['rss']:.0f} MB, idle CPU {r['idle'] * 1000:.0f} ms/s; "
           f"bench CPU {r['bench_cpu']:.1f} s (threads), WebSockets closed by the server: {r['closed']}")
     if r["errors"]:
         print(f"{len(r['errors'])} errors, e.g.: " + "; ".join(r["errors"][:3]))
@@ -416,6 +437,8 @@ def main():
     ap.add_argument("--log-level", default="info", help="exposrd --log-level (default info)")
     ap.add_argument("--profile", help="py-spy record of exposrd over the last block of the last N "
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
+    ap.add_argument("--profile-idle", help="py-spy record of exposrd while idle with every tunnel of the last N "
+                    "connected")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -424,7 +447,7 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, need), hard))
     counts = [int(n) for n in args.tunnels.split(",")]
     for i, n in enumerate(counts):
-        r = run_one(args, n, args.profile if i == len(counts) - 1 else None)
+        r = run_one(args, n, i == len(counts) - 1)
         report(n, r, args)
 
 
