@@ -350,7 +350,10 @@ def run_one(args, n, last):
 
         def op_connect(tid):
             sock, rest = ws_connect(urls.pop(tid))
-            holder.add(sock, rest)
+            if args.no_hold:
+                sock.close()
+            else:
+                holder.add(sock, rest)
 
         fns = {"account": op_account, "token": op_token, "put": op_put, "patch": op_patch,
                "get": op_get, "connect": op_connect}
@@ -449,6 +452,9 @@ def main():
                     "(flame graph; raw collapsed stacks when the name ends in .txt)")
     ap.add_argument("--profile-idle", help="py-spy record of exposrd while idle with every tunnel of the last N "
                     "connected")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="close each WebSocket right after its upgrade (no background work of held "
+                         "connections: the per-call costs alone)")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

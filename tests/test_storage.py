@@ -29,6 +29,9 @@ from exposr.storage.base import (
     StorageUnavailable,
     clean,
     decode_cursor,
+    freeze,
+    freeze_clean,
+    thaw,
     dumps,
     encode_cursor,
     list_page,
@@ -124,6 +127,9 @@ class SerialisationTests(unittest.TestCase):
         self.assertEqual(cleaned, {"tunnels": ["a", "b"], "mixed": [1, None, {}], "t": ["c"]})
         cleaned["tunnels"].append("z")
         self.assertEqual(value["tunnels"], ["a", "b"])
+        # the memory backend's stored form: both in one pass, read back by thaw
+        self.assertEqual(thaw(freeze_clean(value)), clean(value))
+        self.assertEqual(freeze_clean(value), freeze(clean(value)))
 
     def test_parsed_cache(self):
         """Parsed once per text; every answer a copy of its own; a new text parsed again."""

@@ -161,6 +161,21 @@ def freeze(value):
     return value
 
 
+def freeze_clean(value):
+    """`freeze` of `clean` of ``value``, in one pass."""
+    if isinstance(value, dict):
+        return {
+            k: freeze_clean(v)
+            for k, v in value.items()
+            if v is not None and not (isinstance(k, str) and k.startswith("_"))
+        }
+    if isinstance(value, (list, tuple)):
+        if _ATOMIC.issuperset(map(type, value)):
+            return tuple(value)
+        return _Nested(freeze_clean(v) for v in value)
+    return value
+
+
 def thaw(value):
     """A fresh mutable copy (dicts and lists) of a `freeze` d value."""
     cls = type(value)

@@ -4,7 +4,7 @@ Keys keep insertion order; the backend cursor is the decimal offset into that
 order and the end is a call that returns no keys. Updates hold a FIFO mutex per
 key. TTLs are timers on the injected reactor (or `task.Clock`), which is required.
 
-Values are kept in a frozen form (`exposr.storage.base.freeze`): a list of plain values (the
+Values are kept in a frozen form (`exposr.storage.base.freeze_clean`): a list of plain values (the
 tunnel ids of an account) is kept as a tuple and handed out as a new list, a
 copy made at C speed, instead of `copy.deepcopy` element by element; an
 account with thousands of tunnels is then read and written in microseconds.
@@ -19,8 +19,7 @@ from exposr.storage.base import (
     KeyedLock,
     NotFound,
     check_namespace,
-    clean,
-    freeze,
+    freeze_clean,
     thaw,
 )
 
@@ -62,7 +61,7 @@ class MemoryStorage(BaseStorage):
         self._data.get(ns, {}).pop(key, None)
 
     def _store(self, ns, key, value, ttl):
-        self._ns(ns)[key] = freeze(clean(value))
+        self._ns(ns)[key] = freeze_clean(value)
         self._set_ttl(ns, key, ttl)
 
     # -- IStorage -----------------------------------------------------------
@@ -119,7 +118,7 @@ class MemoryStorage(BaseStorage):
             if key not in data:
                 # deleted (or expired) while fn ran
                 raise NotFound("No such key %s:%s" % (ns, key))
-            data[key] = stored = freeze(clean(new))
+            data[key] = stored = freeze_clean(new)
             return thaw(stored)
 
         return self._locks.run("%s:%s" % (ns, key), locked)
