@@ -588,6 +588,48 @@ class SqliteStorageTests(StorageTestsMixin, unittest.TestCase):
         self.raw().execute("UPDATE %s SET value = ? WHERE key = ?" % ns, (text, key))
         return defer.succeed(None)
 
+    @defer.inlineCallbacks
+    def test_group_commit(self):
+        """Calls made together: answered in order, the writes committed together."""
+        s = self.storage
+        groups = []
+        real = s._group_sync
+
+        def counting(group):
+            groups.append(len(group))
+            return real(group)
+
+        self.patch(s, "_group_sync", counting)
+        puts = [s.put("tunnel", "t%02d" % i, {"n": i}) for i in range(20)]
+        read = s.get("tunnel", "t19")  # made after the writes: sees them
+        self.assertEqual((yield defer.gatherResults(puts)), [None] * 20)
+        self.assertEqual((yield read), {"n": 19})
+        self.assertEqual(groups, [1, 20])
+        got = yield s.get_multi("tunnel", ["t%02d" % i for i in range(20)])
+        self.assertEqual(got, [{"n": i} for i in range(20)])
+        rows = self.raw().execute("SELECT count(*) FROM tunnel").fetchone()[0]
+        self.assertEqual(rows, 20)
+
+    @defer.inlineCallbacks
+    def test_group_commit_failing_write_fails_alone(self):
+        """A write that fails in a group changes nothing and fails; the others are committed."""
+        s = self.storage
+        yield s.put("tunnel", "before", {"n": 0})
+
+        def half_then_fail(conn, table):
+            conn.execute("INSERT INTO tunnel (key, value, modified_at) VALUES ('half', '{}', 0)")
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        first = s.put("tunnel", "a", {"n": 1})
+        bad = s._queued("tunnel", half_then_fail)
+        last = s.put("tunnel", "b", {"n": 2})
+        yield first
+        yield self.assertFailure(bad, StorageError)
+        yield last
+        self.assertEqual((yield s.get_multi("tunnel", ["a", "half", "b"])), [{"n": 1}, None, {"n": 2}])
+        keys = [r[0] for r in self.raw().execute("SELECT key FROM tunnel ORDER BY key")]
+        self.assertEqual(keys, ["a", "b", "before"])
+
     def test_layout(self):
         """Tables and indices are exactly the original's."""
         conn = self.raw()
