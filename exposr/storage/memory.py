@@ -4,11 +4,11 @@ Keys keep insertion order; the backend cursor is the decimal offset into that
 order and the end is a call that returns no keys. Updates hold a FIFO mutex per
 key. TTLs are timers on the injected reactor (or `task.Clock`), which is required.
 
-Values are kept in a frozen form (`exposr.storage.base.freeze_clean`): a list of plain values (the
-tunnel ids of an account) is kept as a tuple and handed out as a new list, a
-copy made at C speed, instead of `copy.deepcopy` element by element; an
-account with thousands of tunnels is then read and written in microseconds.
-Every read still gets its own mutable copy.
+Values are kept in a frozen form (`exposr.storage.base.freeze_clean`): a
+list of plain values (the tunnel ids of an account) is kept as a tuple and
+handed out as a new list, a copy made at C speed, instead of `copy.deepcopy`
+element by element; an account with thousands of tunnels is then read and
+written in microseconds. Every read still gets its own mutable copy.
 """
 
 from twisted.internet import defer
