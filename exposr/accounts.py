@@ -7,6 +7,7 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from exposr import model
 from exposr.storage.base import NotFound, list_page
@@ -31,6 +32,9 @@ class AccountService:
         self.storage = storage
         self.clock = clock
         self._randbytes = randbytes
+        # canonical number -> [(tunnel id, Deferred)]: `add_tunnel` calls
+        # waiting for their account's next update
+        self._appends = {}
 
     def _now(self):
         return self.clock.seconds()
@@ -106,15 +110,60 @@ class AccountService:
         return (yield self._update(account_id, change))
 
     def add_tunnel(self, account_id, tunnel_id):
-        """Append a tunnel id to the account's list if absent (never twice). None if no account."""
+        """
+        Append a tunnel id to the account's list if absent (never twice): the
+        updated account, or None when there is no such account or the id was
+        listed already.
 
-        def change(record):
-            if tunnel_id in record["tunnels"]:
+        The account record lists every tunnel of the account, so writing it
+        costs more the more tunnels it has, and its writes are serialised by
+        the storage lock. Calls for the same account made while its update
+        waits for the lock (or for the record) join that update: one write
+        appends them all, in the order they were made.
+        """
+        canonical = model.normalize_account_id(account_id)
+        if canonical is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        batch = self._appends.get(canonical)
+        if batch is not None:
+            batch.append((tunnel_id, d))
+            return d
+        batch = self._appends[canonical] = [(tunnel_id, d)]
+        appended = []  # the calls whose id the update appended
+
+        def close():
+            if self._appends.get(canonical) is batch:
+                del self._appends[canonical]
+
+        def change(current):
+            close()  # later calls wait for the next update
+            del appended[:]
+            record = model.read_account(current)
+            tunnels = record["tunnels"]
+            listed = set(tunnels) if len(batch) > 2 else tunnels
+            for i, (tid, _) in enumerate(batch):
+                if tid not in listed and all(tid != other for other, _ in batch[:i]):
+                    tunnels.append(tid)
+                    appended.append(i)
+            if not appended:
                 return None
-            record["tunnels"].append(tunnel_id)
+            record["updated_at"] = model.iso_timestamp(self._now())
             return record
 
-        return self._update(account_id, change)
+        def done(result):
+            close()
+            if isinstance(result, Failure) and not result.check(NotFound):
+                for _, waiting in batch:
+                    waiting.errback(result)
+                return None
+            written = None if isinstance(result, Failure) else result
+            for i, (_, waiting) in enumerate(batch):
+                waiting.callback(model.read_account(written) if written is not None and i in appended else None)
+            return None
+
+        defer.maybeDeferred(self.storage.update, NS, canonical, change).addBoth(done)
+        return d
 
     def remove_tunnel(self, account_id, tunnel_id):
         def change(record):

@@ -6,6 +6,7 @@ balancer in front of us), whose ``X-Forwarded-For`` (first element) names its
 client. A public client cannot spoof its address.
 """
 
+import functools
 import ipaddress
 
 
@@ -24,8 +25,12 @@ def parse_ip(text):
     return addr
 
 
+@functools.lru_cache(maxsize=1024)
 def normalise_ip(text):
-    """An IP literal as a normalised string (IPv4-mapped IPv6 unmapped), or None."""
+    """An IP literal as a normalised string (IPv4-mapped IPv6 unmapped), or None.
+
+    Remembered for the last 1,024 texts (a client's address is parsed for
+    each of its requests)."""
     addr = parse_ip(text)
     return None if addr is None else str(addr)
 

@@ -50,6 +50,12 @@ class FailureLimiter:
         bucket[0], bucket[1] = tokens, now
         return tokens
 
+    @property
+    def tracking(self):
+        """False while no address has failed recently: then nobody is `blocked`
+        (callers may skip working out the address)."""
+        return bool(self._buckets)
+
     def blocked(self, source):
         """True when ``source`` has no failures left: refuse it without trying."""
         now = self.clock.seconds()

@@ -115,6 +115,52 @@ class AccountServiceTests(unittest.TestCase):
         self.assertEqual(account["tunnels"], ["first"])
 
     @defer.inlineCallbacks
+    def test_add_tunnel_calls_waiting_for_the_account_share_one_write(self):
+        """Calls made while the account is locked: one update appends them all, in order, once each."""
+        account, _ = yield self.stack.account_and_tunnel("first")
+        storage = self.stack.accounts.storage
+        gate = defer.Deferred()
+        holding = storage.update("account", account["id"], lambda current: gate)
+        updates = []
+        real_update = storage.update
+
+        def counting(ns, key, fn):
+            updates.append(key)
+            return real_update(ns, key, fn)
+
+        self.patch(storage, "update", counting)
+        add = self.stack.accounts.add_tunnel
+        calls = [add(account["id"], "a"), add(account["id"], "b"), add(account["id"], "a"),
+                 add(account["id"], "first"), add(model.format_account_id(account["id"]), "c")]
+        gate.callback(None)  # (aborted: nothing written)
+        yield holding
+        results = yield defer.gatherResults(calls)
+        self.assertEqual(updates, [account["id"]])
+        for got in (results[0], results[1], results[4]):
+            self.assertEqual(got["tunnels"], ["first", "a", "b", "c"])
+        self.assertEqual((results[2], results[3]), (None, None))
+        results[0]["tunnels"].append("not-stored")
+        stored = yield self.stack.accounts.get(account["id"])
+        self.assertEqual(stored["tunnels"], ["first", "a", "b", "c"])
+        # the next calls make the next update
+        again = yield add(account["id"], "d")
+        self.assertEqual(again["tunnels"], ["first", "a", "b", "c", "d"])
+        self.assertEqual(len(updates), 2)
+
+    @defer.inlineCallbacks
+    def test_add_tunnel_to_a_missing_account_or_failing_storage(self):
+        add = self.stack.accounts.add_tunnel
+        results = yield defer.gatherResults([add("MPW4YDYVNPFXVV2D", "a"), add("MPW4YDYVNPFXVV2D", "b"),
+                                             add("not an account", "c")])
+        self.assertEqual(results, [None, None, None])
+        account = yield self.stack.accounts.create()
+        storage = self.stack.accounts.storage
+        self.patch(storage, "update", lambda ns, key, fn: defer.fail(RuntimeError("storage broke")))
+        failed = [add(account["id"], "a"), add(account["id"], "b")]
+        for d in failed:
+            yield self.assertFailure(d, RuntimeError)
+
+    @defer.inlineCallbacks
     def test_delete_deletes_tunnels(self):
         account, _ = yield self.stack.account_and_tunnel("first")
         yield self.stack.tunnels.create("second", account["id"])

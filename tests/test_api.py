@@ -437,6 +437,61 @@ class TunnelRouteTests(APITestCase):
         self.assertEqual(account["tunnels"], ["my-tunnel"])
 
     @defer.inlineCallbacks
+    def test_put_of_an_id_taken_meanwhile(self):
+        """PUT finds no tunnel, but another account creates it before this PUT does: 403."""
+        tunnels = self.stack.tunnels
+        real_get = tunnels.get
+        seen = []
+
+        @defer.inlineCallbacks
+        def get_then_taken(tunnel_id):
+            if not seen:  # the first look: nothing yet; then the other account is first
+                seen.append(tunnel_id)
+                yield self.other_account_tunnel(tunnel_id)
+                return None
+            return (yield real_get(tunnel_id))
+
+        tunnels.get = get_then_taken
+        r = yield self.put("taken-tunnel", body={"target": {"url": "http://a.example"}})
+        self.assertJSON(r, 403, '{"error":"PERMISSION_DENIED"}')
+        tunnels.get = real_get
+        record = yield tunnels.get("taken-tunnel")
+        self.assertNotEqual(record["account"], self.account["id"])
+        self.assertNotIn("url", record["target"])
+        account = yield self.stack.accounts.get(self.account["id"])
+        self.assertEqual(account["tunnels"], [])
+
+    @defer.inlineCallbacks
+    def test_delete_and_recreate_among_many_tunnels(self):
+        """An account with hundreds of tunnels: each stays listed once, through delete and re-create."""
+        ids = ["many-tunnels-%04d" % i for i in range(300)]
+        for tunnel_id in ids:
+            r = yield self.put(tunnel_id)
+            self.assertEqual(r.code, 200)
+        account = yield self.stack.accounts.get(self.account["id"])
+        self.assertEqual(account["tunnels"], ids)
+        # what a reader changes in its copy is not stored
+        account["tunnels"].append("not-stored")
+        r = yield self.request("DELETE", "/v1/tunnel/" + ids[10], token=self.token)
+        self.assertEqual(r.code, 204)
+        r = yield self.request("GET", "/v1/tunnel/" + ids[10], token=self.token)
+        self.assertJSON(r, 404, '{"error":"TUNNEL_NOT_FOUND"}')
+        account = yield self.stack.accounts.get(self.account["id"])
+        self.assertEqual(account["tunnels"], ids[:10] + ids[11:])
+        r = yield self.put(ids[10], body={"target": {"url": "http://again.example"}})
+        self.assertEqual(r.json()["target"], {"url": "http://again.example"})
+        r = yield self.request("GET", "/v1/tunnel/" + ids[10], token=self.token)
+        self.assertEqual((r.code, r.json()["target"]), (200, {"url": "http://again.example"}))
+        account = yield self.stack.accounts.get(self.account["id"])
+        self.assertEqual(account["tunnels"], ids[:10] + ids[11:] + [ids[10]])
+        # another account sees none of them
+        other = yield self.stack.accounts.create()
+        r = yield self.request("GET", "/v1/tunnel/" + ids[10], token=bearer(other["id"]))
+        self.assertJSON(r, 404, '{"error":"TUNNEL_NOT_FOUND"}')
+        r = yield self.put(ids[10], token=bearer(other["id"]))
+        self.assertJSON(r, 403, '{"error":"PERMISSION_DENIED"}')
+
+    @defer.inlineCallbacks
     def test_foreign_tunnel(self):
         yield self.other_account_tunnel("other-tunnel")
         r = yield self.put("other-tunnel")

@@ -165,6 +165,25 @@ class AutobahnTests(unittest.TestCase):
         self.assertEqual(p.mux.got, [b"fast too", b"fast again"])
 
 
+    def test_debug_arguments_are_formatted_only_when_written(self):
+        """autobahn's eager pformat of its debug arguments is lazy, and reads as before."""
+        import pprint
+
+        from autobahn.websocket import protocol as autobahn_protocol
+        from twisted.logger import formatEvent
+
+        self.assertIs(autobahn_protocol.pformat, compat_autobahn.LazyPformat)
+        attrs = [("openHandshakeTimeout", 5, "WebSocketServerFactory"), ("maxFramePayloadSize", 0, "x")]
+        lazy = autobahn_protocol.pformat(attrs)
+        self.assertEqual(formatEvent({"log_format": "\n{attrs}", "attrs": lazy}), "\n" + pprint.pformat(attrs))
+        self.assertEqual(str(lazy), pprint.pformat(attrs))
+        # Timings, the module's other pformat user, still gives a str
+        timings = autobahn_protocol.Timings()
+        timings.track("a")
+        self.assertIsInstance(str(timings), str)
+        self.assertIn("'a'", str(timings))
+
+
 class TxredisapiTests(unittest.TestCase):
     def test_a_fresh_connection_has_the_ready_flag(self):
         import txredisapi

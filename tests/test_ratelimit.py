@@ -35,6 +35,16 @@ class FailureLimiterTests(unittest.TestCase):
             self.limiter.failed(f"10.0.{n // 256}.{n % 256}")
         self.assertLessEqual(len(self.limiter._buckets), 100)
 
+    def test_tracking_only_after_a_failure(self):
+        """Nothing to look up while no address failed (the API then skips working out the address)."""
+        self.assertFalse(self.limiter.tracking)
+        self.assertFalse(self.limiter.blocked("10.0.0.1"))
+        self.limiter.failed("10.0.0.1")
+        self.assertTrue(self.limiter.tracking)
+        self.clock.advance(60)
+        self.assertFalse(self.limiter.blocked("10.0.0.1"))
+        self.assertFalse(self.limiter.tracking)
+
     def test_full_buckets_are_forgotten(self):
         self.limiter.failed("203.0.113.1")
         self.clock.advance(10)

@@ -97,21 +97,26 @@ class PublicAPI:
         credential = authorization_credential(request)
         if not credential:
             return None, json_response(request, 401, {"error": "AUTH_NO_TOKEN"})
-        source = self._source(request)
-        if source is not None and self.limiter.blocked(source):
+        if self._blocked(request):
             return None, too_many(request)
         account = await self.accounts.get(credential)
         if account is None or _disabled(account):
-            if source is not None:
-                self.limiter.failed(source)
+            self._failed(request)
             return None, json_response(request, 401, {"error": "PERMISSION_DENIED"})
         return account, None
 
-    def _source(self, request):
-        """The client address when failures are limited, else None."""
-        if self.limiter is None:
-            return None
-        return source_address(request, self._trusted)
+    def _blocked(self, request):
+        """True when failures are limited and the client's address has none left."""
+        limiter = self.limiter
+        # (the address is worked out only when some address failed recently)
+        if limiter is None or not limiter.tracking:
+            return False
+        return limiter.blocked(source_address(request, self._trusted))
+
+    def _failed(self, request):
+        """Count a failed attempt of the client's address (when failures are limited)."""
+        if self.limiter is not None:
+            self.limiter.failed(source_address(request, self._trusted))
 
     def tunnel_info(self, tunnel, base):
         """The public tunnel representation (``GET /v1/tunnel/<id>``)."""
@@ -223,13 +228,11 @@ class PublicAPI:
         )
 
     async def get_token(self, request, base, account_id):
-        source = self._source(request)
-        if source is not None and self.limiter.blocked(source):
+        if self._blocked(request):
             return too_many(request)
         account = await self.accounts.get(account_id)
         if account is None or _disabled(account):
-            if source is not None:
-                self.limiter.failed(source)
+            self._failed(request)
             return json_response(request, 403, {"error": "PERMISSION_DENIED"})
         return json_response(request, 201, {"token": model.account_token(account["id"])})
 
@@ -242,8 +245,11 @@ class PublicAPI:
             if not model.is_valid_new_tunnel_id(tunnel_id):
                 # longer than a DNS label: refused as any bad id
                 return bad_input(request, model.tunnel_id_error(tunnel_id))
-            await self.tunnels.create(tunnel_id, account["id"])
-            tunnel = await self.tunnels.get(tunnel_id)
+            # the record just created is ours; when creating failed (the id
+            # was taken meanwhile), the record read back decides
+            tunnel = await self.tunnels.create(tunnel_id, account["id"])
+            if tunnel is None:
+                tunnel = await self.tunnels.get(tunnel_id)
         if tunnel is None or tunnel.get("account") != account["id"]:
             return json_response(request, 403, {"error": "PERMISSION_DENIED"})
         return await self._apply(request, base, tunnel_id, account, changes, 403)

@@ -117,8 +117,15 @@ def _is_index(key):
 
 def _portable(value):
     """A copy of ``value`` that serialises as JavaScript would, else ValueError."""
-    if value is None or value is True or value is False:
+    cls = type(value)
+    # the common exact types first (an announcement of thousands of tunnels is
+    # copied every few seconds)
+    if cls is str or value is None or value is True or value is False:
         return value
+    if cls is dict:
+        return _portable_object(value)
+    if cls is list:
+        return [_portable(v) for v in value]
     if isinstance(value, str):
         return str(value)
     if isinstance(value, int):
@@ -128,18 +135,28 @@ def _portable(value):
     if isinstance(value, float):
         raise ValueError("floats are not allowed in bus messages: %r" % value)
     if isinstance(value, dict):
-        for k in value:
-            if not isinstance(k, str):
-                raise ValueError("object keys must be strings, not %r" % (k,))
-        indices = sorted((k for k in value if _is_index(k)), key=int)
-        out = {str(k): _portable(value[k]) for k in indices}
-        for k, v in value.items():
-            if k not in out:
-                out[str(k)] = _portable(v)
-        return out
+        return _portable_object(value)
     if isinstance(value, (list, tuple)):
         return [_portable(v) for v in value]
     raise ValueError("not JSON-able: %s" % type(value).__name__)
+
+
+def _portable_object(value):
+    """An object's copy with JavaScript's key order: array-index keys first, ascending."""
+    indices = []
+    for k in value:
+        if type(k) is not str and not isinstance(k, str):
+            raise ValueError("object keys must be strings, not %r" % (k,))
+        if k[:1].isdigit() and _is_index(k):
+            indices.append(k)
+    if not indices:
+        return {(k if type(k) is str else str(k)): _portable(v) for k, v in value.items()}
+    indices.sort(key=int)
+    out = {str(k): _portable(value[k]) for k in indices}
+    for k, v in value.items():
+        if k not in out:
+            out[str(k)] = _portable(v)
+    return out
 
 
 def _strict_int(value, name):

@@ -20,8 +20,19 @@ autobahn sees them, and hands everything else to autobahn's own parser:
   the server's ``dropConnection``/``_closeConnection`` overrides rely on
   ``failedByMe`` and on ``_closeConnection(abort)`` being the one place the
   TCP connection is closed.
+
+autobahn formats some debug log arguments before the logger decides whether
+to emit them: ``pformat`` of its ~30 options on every new connection (about
+a third of the server's CPU time for a WebSocket connect) and of the
+transport details on every client handshake. Importing this module makes
+``autobahn.websocket.protocol.pformat`` lazy (`LazyPformat`): the text is
+made only if a debug line is written (``Timings.__str__``, its other user,
+gets the text at once).
 """
 
+import pprint
+
+import autobahn.websocket.protocol as _protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker  # noqa: F401
 
@@ -35,3 +46,25 @@ autobahn_receive = WebSocketProtocol._dataReceived
 def compression(protocol):
     """The connection's permessage-compress state (None when not negotiated)."""
     return protocol._perMessageCompress
+
+
+class LazyPformat:
+    """``pprint.pformat(obj)``, made when the log line is formatted."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj, *args, **kwargs):
+        self.obj = obj
+
+    def __str__(self):
+        return pprint.pformat(self.obj)
+
+    __repr__ = __str__
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
+_protocol.pformat = LazyPformat
+# the one other user of the module's pformat, which must return a str
+_protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)

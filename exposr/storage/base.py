@@ -9,6 +9,7 @@ job.
 
 import base64
 import binascii
+import collections
 import json
 import re
 
@@ -83,6 +84,10 @@ class IStorage(Interface):
 # -- serialisation ----------------------------------------------------------
 
 
+# types whose values are immutable: a list of only these is copied as a whole
+_ATOMIC = frozenset((str, int, float, bool, type(None)))
+
+
 def clean(value):
     """
     The JSON-able form of ``value``: keys starting with ``_`` and None values
@@ -95,6 +100,9 @@ def clean(value):
             if v is not None and not (isinstance(k, str) and k.startswith("_"))
         }
     if isinstance(value, (list, tuple)):
+        if _ATOMIC.issuperset(map(type, value)):
+            # (an account's tunnel ids): nothing to clean, copied at C speed
+            return list(value)
         return [clean(v) for v in value]
     return value
 
@@ -121,6 +129,112 @@ def loads(text, where=""):
     except ValueError:
         log.warn("Ignoring unreadable stored value at {where}", where=where)
         return None
+
+
+# -- copies and parsed values of large records ------------------------------------
+#
+# An account record lists the ids of all its tunnels: with thousands of them,
+# parsing it (or deep-copying it) element by element on every API call would
+# make every call's cost grow with the number of tunnels. Lists of plain values
+# are therefore frozen as tuples and copied back as lists at C speed, and the
+# SQL and Redis backends keep the parsed form of their few large records by
+# their stored text: a record read again with the same text is not parsed
+# again. The stored text is still read every time, so what is returned is
+# always what is stored (another node may have changed it).
+
+
+class _Nested(tuple):
+    """A frozen list holding objects or lists (thawed element by element)."""
+
+    __slots__ = ()
+
+
+def freeze(value):
+    """An immutable copy of a JSON value (dicts stay dicts, but nothing
+    mutable is shared with ``value`` and `thaw` copies it back)."""
+    if isinstance(value, dict):
+        return {k: freeze(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if _ATOMIC.issuperset(map(type, value)):
+            return tuple(value)
+        return _Nested(freeze(v) for v in value)
+    return value
+
+
+def freeze_clean(value):
+    """`freeze` of `clean` of ``value``, in one pass."""
+    if isinstance(value, dict):
+        return {
+            k: freeze_clean(v)
+            for k, v in value.items()
+            if v is not None and not (isinstance(k, str) and k.startswith("_"))
+        }
+    if isinstance(value, (list, tuple)):
+        if _ATOMIC.issuperset(map(type, value)):
+            return tuple(value)
+        return _Nested(freeze_clean(v) for v in value)
+    return value
+
+
+def thaw(value):
+    """A fresh mutable copy (dicts and lists) of a `freeze` d value."""
+    cls = type(value)
+    if cls is dict:
+        return {k: thaw(v) for k, v in value.items()}
+    if cls is tuple:
+        return list(value)
+    if cls is _Nested:
+        return [thaw(v) for v in value]
+    return value
+
+
+class ParsedCache:
+    """
+    The parsed values of the large records a backend read, by key and stored
+    text: `loads` parses a text only when it differs from the one seen last for
+    that key. Only texts of at least `MIN_SIZE` characters are kept, at most
+    `MAX_ENTRIES` of them (least recently used first out).
+    """
+
+    MIN_SIZE = 4096
+    MAX_ENTRIES = 64
+
+    def __init__(self):
+        self._entries = collections.OrderedDict()  # key -> (text, frozen value)
+
+    def loads(self, key, text, where=""):
+        """`loads` of ``text`` (the stored text of ``key``), parsed once."""
+        if not isinstance(text, (str, bytes)) or len(text) < self.MIN_SIZE:
+            return loads(text, where)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == text:
+            self._entries.move_to_end(key)
+            return thaw(entry[1])
+        value = loads(text, where)
+        self._remember(key, text, value)
+        return value
+
+    def written(self, key, text, value):
+        """``text`` (`dumps` of ``value``) was stored for ``key``: what its next read will parse to
+        is ``clean(value)``."""
+        self._entries.pop(key, None)
+        if isinstance(text, (str, bytes)) and len(text) >= self.MIN_SIZE:
+            self._remember(key, text, clean(value))
+
+    def forget(self, key):
+        self._entries.pop(key, None)
+
+    def _remember(self, key, text, value):
+        if not isinstance(value, dict):
+            self._entries.pop(key, None)
+            return
+        self._entries[key] = (text, freeze(value))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+    def __len__(self):
+        return len(self._entries)
 
 
 def table_name(ns):

@@ -3,9 +3,13 @@
 Keys keep insertion order; the backend cursor is the decimal offset into that
 order and the end is a call that returns no keys. Updates hold a FIFO mutex per
 key. TTLs are timers on the injected reactor (or `task.Clock`), which is required.
-"""
 
-import copy
+Values are kept in a frozen form (`exposr.storage.base.freeze_clean`): a
+list of plain values (the tunnel ids of an account) is kept as a tuple and
+handed out as a new list, a copy made at C speed, instead of `copy.deepcopy`
+element by element; an account with thousands of tunnels is then read and
+written in microseconds. Every read still gets its own mutable copy.
+"""
 
 from twisted.internet import defer
 
@@ -15,7 +19,8 @@ from exposr.storage.base import (
     KeyedLock,
     NotFound,
     check_namespace,
-    clean,
+    freeze_clean,
+    thaw,
 )
 
 
@@ -56,7 +61,7 @@ class MemoryStorage(BaseStorage):
         self._data.get(ns, {}).pop(key, None)
 
     def _store(self, ns, key, value, ttl):
-        self._ns(ns)[key] = copy.deepcopy(clean(value))
+        self._ns(ns)[key] = freeze_clean(value)
         self._set_ttl(ns, key, ttl)
 
     # -- IStorage -----------------------------------------------------------
@@ -72,11 +77,11 @@ class MemoryStorage(BaseStorage):
         return defer.succeed(None)
 
     def get(self, ns, key):
-        return defer.succeed(copy.deepcopy(self._ns(ns).get(key)))
+        return defer.succeed(thaw(self._ns(ns).get(key)))
 
     def get_multi(self, ns, keys):
         data = self._ns(ns)
-        return defer.succeed([copy.deepcopy(data.get(k)) for k in keys])
+        return defer.succeed([thaw(data.get(k)) for k in keys])
 
     def delete(self, ns, key):
         data = self._ns(ns)
@@ -107,13 +112,13 @@ class MemoryStorage(BaseStorage):
         def locked():
             if key not in data:
                 raise NotFound("No such key %s:%s" % (ns, key))
-            new = yield defer.maybeDeferred(fn, copy.deepcopy(data[key]))
+            new = yield defer.maybeDeferred(fn, thaw(data[key]))
             if new is None:
                 return None
             if key not in data:
                 # deleted (or expired) while fn ran
                 raise NotFound("No such key %s:%s" % (ns, key))
-            data[key] = copy.deepcopy(clean(new))
-            return copy.deepcopy(data[key])
+            data[key] = stored = freeze_clean(new)
+            return thaw(stored)
 
         return self._locks.run("%s:%s" % (ns, key), locked)

@@ -29,6 +29,7 @@ from exposr.storage.base import (
     NAMESPACES,
     BaseStorage,
     NotFound,
+    ParsedCache,
     StorageError,
     StorageUnavailable,
     clean,
@@ -309,6 +310,8 @@ class PostgresStorage(BaseStorage):
     ):
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
+        # parsed large records (accounts with many tunnels) by their text
+        self._parsed = ParsedCache()
         self.pool_size = pool_size
         self.open_attempts = max(1, open_attempts)
         self.open_retry_delay = open_retry_delay
@@ -535,12 +538,13 @@ class PostgresStorage(BaseStorage):
     def get(self, ns, key):
         rows = yield self._query(
             ns,
-            "SELECT value FROM {t} WHERE key = %s "
+            # as text: parsed here, once per text for large records (`ParsedCache`)
+            "SELECT value::text FROM {t} WHERE key = %s "
             "AND (expires_at IS NULL OR expires_at > TO_TIMESTAMP(%s))",
             (key, self._now()),
             retry=True,
         )
-        return loads(rows[0][0], "%s:%s" % (ns, key)) if rows else None
+        return self._parsed.loads((ns, key), rows[0][0], "%s:%s" % (ns, key)) if rows else None
 
     @defer.inlineCallbacks
     def get_multi(self, ns, keys):
@@ -559,6 +563,7 @@ class PostgresStorage(BaseStorage):
 
     @defer.inlineCallbacks
     def delete(self, ns, key):
+        self._parsed.forget((ns, key))
         rows = yield self._query(
             ns,
             "DELETE FROM {t} WHERE key = %s "
@@ -598,7 +603,7 @@ class PostgresStorage(BaseStorage):
         @defer.inlineCallbacks
         def interaction(cur):
             yield cur.execute(
-                "SELECT value FROM %s WHERE key = %%s "
+                "SELECT value::text FROM %s WHERE key = %%s "
                 "AND (expires_at IS NULL OR expires_at > TO_TIMESTAMP(%%s)) FOR UPDATE" % table,
                 (key, now),
             )
@@ -608,7 +613,7 @@ class PostgresStorage(BaseStorage):
                 # to the pool either way
                 raise NotFound("No such key %s:%s" % (ns, key))
             state["fn_called"] = True
-            new = yield defer.maybeDeferred(fn, loads(row[0], "%s:%s" % (ns, key)))
+            new = yield defer.maybeDeferred(fn, self._parsed.loads((ns, key), row[0], "%s:%s" % (ns, key)))
             if new is None:
                 return None
             yield cur.execute(

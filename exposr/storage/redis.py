@@ -29,6 +29,7 @@ from exposr.storage.base import (
     KeyedLock,
     LockTimeout,
     NotFound,
+    ParsedCache,
     StorageError,
     StorageUnavailable,
     check_namespace,
@@ -123,6 +124,8 @@ class RedisStorage(BaseStorage):
         self._factory = None
         self._next = 0
         self._locks = KeyedLock()
+        # parsed large records (accounts with many tunnels) by their text
+        self._parsed = ParsedCache()
 
     @classmethod
     def from_url(cls, url, reactor, **kwargs):
@@ -287,7 +290,11 @@ class RedisStorage(BaseStorage):
             rkey = self._key(ns, key)
         except StorageError:
             return defer.fail()
-        return self._cmd(lambda c: c.get(rkey)).addCallback(loads, rkey)
+        return self._cmd(lambda c: c.get(rkey)).addCallback(self._parse, rkey)
+
+    def _parse(self, raw, rkey):
+        # large records (accounts with many tunnels) parsed once per text
+        return self._parsed.loads(rkey, raw, rkey)
 
     def get_multi(self, ns, keys):
         keys = list(keys)
@@ -305,6 +312,7 @@ class RedisStorage(BaseStorage):
             rkey = self._key(ns, key)
         except StorageError:
             return defer.fail()
+        self._parsed.forget(rkey)
         return self._cmd(lambda c: c.delete(rkey)).addCallback(lambda n: int(n) > 0)
 
     def list_keys(self, ns, cursor, count):
@@ -358,7 +366,7 @@ class RedisStorage(BaseStorage):
             raw = yield self._cmd(lambda c: c.get(rkey))
             if raw is None:
                 raise NotFound("No such key %s" % rkey)
-            new = yield defer.maybeDeferred(fn, loads(raw, rkey))
+            new = yield defer.maybeDeferred(fn, self._parse(raw, rkey))
             if new is None:
                 return None
             text = dumps(new)
@@ -367,6 +375,7 @@ class RedisStorage(BaseStorage):
                 raise StorageError("Lost the lock %s before writing %s" % (lock.key, rkey))
             if done == 0:
                 raise NotFound("No such key %s" % rkey)
+            self._parsed.written(rkey, text, new)
             return clean(new)
 
         def locked():

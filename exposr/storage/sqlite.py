@@ -9,6 +9,14 @@ sqlite3 runs on one dedicated thread (never the reactor thread) with WAL and
 ``synchronous=FULL``: a write is acknowledged only once it is on disk. Updates
 hold an in-process FIFO mutex per ``<namespace>:<key>``. Expired rows are
 invisible to reads and are deleted at open and every 5 minutes.
+
+Group commit: the calls made while the thread is busy are queued and run
+together, in the order they were made, in one hand-off to the thread; when
+some of them write, in one transaction (each write in a savepoint of its own,
+so that a failing one changes nothing and fails alone), so that they share
+one sync to disk instead of one each. Every call is answered once the
+transaction is committed, so a write is still acknowledged only once it is on
+disk; when the commit fails, every call of the group fails.
 """
 
 import os
@@ -16,6 +24,7 @@ import sqlite3
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from exposr.storage.base import (
@@ -23,6 +32,7 @@ from exposr.storage.base import (
     BaseStorage,
     KeyedLock,
     NotFound,
+    ParsedCache,
     StorageError,
     StorageUnavailable,
     clean,
@@ -58,6 +68,11 @@ class SqliteStorage(BaseStorage):
         self._conn = None
         self._tables = set()
         self._locks = KeyedLock()
+        # parsed large records (accounts with many tunnels) by their text
+        self._parsed = ParsedCache()
+        # group commit: calls waiting for the thread, and whether a group runs
+        self._queue = []
+        self._group_running = False
         self._cleanup = None
         self._cleanup_d = None
 
@@ -123,6 +138,79 @@ class SqliteStorage(BaseStorage):
             return fn(self._conn, table, *args)
 
         return self._run(op)
+
+    def _queued(self, ns, fn, write=True):
+        """Run ``fn(conn, table)`` on the thread in the next group (see the module docstring)."""
+        try:
+            table = table_name(ns)
+        except StorageError:
+            return defer.fail()
+        if self._pool is None:
+            return defer.fail(StorageUnavailable("SQLite storage %s is not open" % self.path))
+        d = defer.Deferred()
+        self._queue.append((table, fn, write, d))
+        if not self._group_running:
+            self._run_group()
+        return d.addErrback(self._translate)
+
+    def _run_group(self):
+        group, self._queue = self._queue, []
+        self._group_running = True
+        self._run(self._group_sync, group).addBoth(self._group_done, group)
+
+    def _group_sync(self, group):
+        """On the thread: every call of the group, the writes in one transaction."""
+        conn = self._conn
+        if conn is None:  # closed meanwhile
+            raise StorageUnavailable("SQLite storage %s is not open" % self.path)
+        for table in {table for table, _, _, _ in group}:
+            self._ensure_table_sync(table)
+        writes = any(write for _, _, write, _ in group)
+        results = []
+        if writes:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, fn, write, _ in group:
+                if write:
+                    conn.execute("SAVEPOINT call")
+                try:
+                    results.append((True, fn(conn, table)))
+                except Exception:
+                    results.append((False, Failure()))
+                    if write:
+                        conn.execute("ROLLBACK TO call")
+                if write:
+                    conn.execute("RELEASE call")
+            if writes:
+                conn.execute("COMMIT")
+        except BaseException:
+            if writes and conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return results
+
+    def _group_done(self, results, group):
+        self._group_running = False
+        if isinstance(results, Failure):
+            for _, _, _, d in group:
+                d.errback(results)
+        else:
+            for (ok, value), (_, _, _, d) in zip(results, group):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        if self._queue:
+            if self._pool is None:
+                group, self._queue = self._queue, []
+                for _, _, _, d in group:
+                    d.errback(StorageUnavailable("SQLite storage %s is not open" % self.path))
+            else:
+                self._run_group()
+        return None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -210,7 +298,7 @@ class SqliteStorage(BaseStorage):
             )
             return cur.rowcount == 1
 
-        return self._table_op(ns, op)
+        return self._queued(ns, op)
 
     def put(self, ns, key, value, ttl=None):
         text = dumps(value)
@@ -224,7 +312,7 @@ class SqliteStorage(BaseStorage):
                 (key, text, now, expires),
             )
 
-        return self._table_op(ns, op)
+        return self._queued(ns, op)
 
     def get(self, ns, key):
         now = _now(self._clock)
@@ -234,9 +322,12 @@ class SqliteStorage(BaseStorage):
                 "SELECT value FROM %s WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)" % table,
                 (key, now),
             ).fetchone()
-            return None if row is None else loads(row[0], "%s:%s" % (ns, key))
+            return None if row is None else row[0]
 
-        return self._table_op(ns, op)
+        return self._queued(ns, op, write=False).addCallback(self._parse, ns, key)
+
+    def _parse(self, text, ns, key):
+        return self._parsed.loads((ns, key), text, "%s:%s" % (ns, key))
 
     def get_multi(self, ns, keys):
         keys = list(keys)
@@ -258,7 +349,7 @@ class SqliteStorage(BaseStorage):
 
         if not keys:
             return defer.succeed([])
-        return self._table_op(ns, op)
+        return self._queued(ns, op, write=False)
 
     def delete(self, ns, key):
         now = _now(self._clock)
@@ -270,7 +361,8 @@ class SqliteStorage(BaseStorage):
             rows = cur.fetchall()
             return any(exp is None or exp > now for (exp,) in rows)
 
-        return self._table_op(ns, op)
+        self._parsed.forget((ns, key))
+        return self._queued(ns, op)
 
     def list_keys(self, ns, cursor, count):
         now = _now(self._clock)
@@ -292,7 +384,7 @@ class SqliteStorage(BaseStorage):
             keys = [r[0] for r in rows]
             return keys, (keys[-1] if keys else None)
 
-        return self._table_op(ns, op)
+        return self._queued(ns, op, write=False)
 
     def update(self, ns, key, fn):
         @defer.inlineCallbacks
@@ -314,10 +406,11 @@ class SqliteStorage(BaseStorage):
                 )
                 return cur.rowcount
 
-            changed = yield self._table_op(ns, op)
+            changed = yield self._queued(ns, op)
             if not changed:
                 # deleted (or expired) while fn ran
                 raise NotFound("No such key %s:%s" % (ns, key))
+            self._parsed.written((ns, key), text, new)
             return clean(new)
 
         return self._locks.run("%s:%s" % (ns, key), locked)
