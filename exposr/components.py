@@ -400,7 +400,8 @@ def _cluster(config, reactor, node, registry, environ=None):
     wait = config.cluster_discovery_wait
     if wait is None:
         wait = DISCOVERY_WAIT if multi else 0.0
-    cluster = ClusterService(bus, node, registry, reactor, discovery_wait=wait)
+    # (a single node's bus delivers only to itself: nobody to tell where its tunnels are)
+    cluster = ClusterService(bus, node, registry, reactor, discovery_wait=wait, announce=multi)
     if discovery is not None and hasattr(discovery, "membership"):
         discovery.membership = cluster.membership  # the known nodes are peers too
     return cluster, multi, problem

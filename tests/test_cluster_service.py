@@ -76,11 +76,12 @@ class PairBus(SignedBus):
 
 
 class ClusterNode:
-    def __init__(self, test, node, clock, network, config, discovery_wait=0.0):
+    def __init__(self, test, node, clock, network, config, discovery_wait=0.0, announce=True):
         self.node = node
         self.registry = ConnectionRegistry(config, node.id, clock)
         self.bus = PairBus(node, clock, network)
-        self.cluster = ClusterService(self.bus, node, self.registry, clock, discovery_wait=discovery_wait)
+        self.cluster = ClusterService(self.bus, node, self.registry, clock, discovery_wait=discovery_wait,
+                                      announce=announce)
         self.registry.startService()
         self.cluster.startService()
         test.addCleanup(self.stop)
@@ -96,6 +97,34 @@ class ClusterNode:
                               registry=self.registry)
         added = self.registry.add(conn)
         return conn if added else None
+
+
+class SingleNodeTests(unittest.TestCase):
+    """A single node (announce=False): its bus reaches only itself, which ignores its own announcements."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(START)
+        self.network = Network(self.clock)
+        self.a = ClusterNode(self, NODE_A, self.clock, self.network, make_config(), announce=False)
+        self.clock.advance(0)
+
+    def test_tunnels_are_not_announced_but_heartbeats_go_on(self):
+        conns = [self.a.connect("tunnel-%d" % i) for i in range(3)]
+        advance_to(self.clock, 3 * cluster_service.ANNOUNCE_INTERVAL)
+        self.a.registry.unregister(conns[0])
+        self.clock.advance(0)
+        self.assertEqual(self.network.sent("tunnel:announce"), [])
+        self.assertGreaterEqual(len(self.network.sent("cluster:heartbeat")), 1)
+        self.assertTrue(self.a.registry.is_connected("tunnel-1"))
+
+    def test_disconnect_still_reaches_its_own_connections(self):
+        conn = self.a.connect("my-tunnel")
+        d = self.a.cluster.disconnect("my-tunnel")
+        self.clock.advance(0)
+        self.clock.advance(cluster_service.DISCONNECT_POLL)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(conn.disconnected, ["disconnected"])
 
 
 class TwoNodeTests(unittest.TestCase):

@@ -56,12 +56,16 @@ class ClusterService(MultiService):
     ``bus`` is an `IEventBus` service (a child of this one, so it starts
     first and stops last); ``registry`` the `ConnectionRegistry`;
     ``discovery_wait`` the seconds `discovery_wait` lets pass before the node
-    is ready (0 for a single node).
+    is ready (0 for a single node); ``announce``: whether the tunnels'
+    connections are announced (False on a single node, whose bus only
+    delivers to itself, which ignores its own announcements: the signing and
+    checking of every connected tunnel every `ANNOUNCE_INTERVAL` seconds
+    was most of an idle node's CPU with thousands of tunnels).
     """
 
     name = "cluster"
 
-    def __init__(self, bus, node, registry, clock, discovery_wait=0.0):
+    def __init__(self, bus, node, registry, clock, discovery_wait=0.0, announce=True):
         MultiService.__init__(self)
         self.bus = bus
         self.node = node
@@ -72,10 +76,11 @@ class ClusterService(MultiService):
         self.published = {}  # event -> count (for metrics)
         bus.setServiceParent(self)
         Periodic(HEARTBEAT_INTERVAL, self.heartbeat, clock, "cluster heartbeat").setServiceParent(self)
-        Periodic(ANNOUNCE_INTERVAL, self.announce_all, clock, "tunnel announcements").setServiceParent(self)
         self._unsubscribe = None
         self._discovery = None
-        registry.on_change(self.announce)
+        if announce:
+            Periodic(ANNOUNCE_INTERVAL, self.announce_all, clock, "tunnel announcements").setServiceParent(self)
+            registry.on_change(self.announce)
 
     # -- life --------------------------------------------------------------------
 
