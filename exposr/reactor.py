@@ -12,10 +12,6 @@ any exception of a read or write into a logged disconnection. What could still
 escape (an exception from a protocol's ``connectionLost``) is logged here, as
 ``callWithLogger`` does, and the other events of the poll are still handled.
 
-The events of one poll are a round (`exposr.sockwrite.begin_round` /
-``end_round``): the frames that a round writes to a multiplexed WebSocket
-leave together when every event of the poll has been handled.
-
 Everything else is Twisted's. `install` is what the ``exposrd`` and ``exposr``
 commands call; ``twistd --reactor exposr`` picks it by name (the plugin in
 ``twisted/plugins/exposrd.py``). Where epoll is missing, Twisted's default
@@ -25,8 +21,6 @@ reactor is installed instead.
 import errno
 
 from twisted.logger import Logger
-
-from exposr.sockwrite import begin_round, end_round
 
 log = Logger(namespace="exposr.reactor")
 
@@ -50,18 +44,13 @@ if EPollReactor is not None:
                 raise
             selectables = self._selectables
             handle = self._doReadOrWrite
-            begin_round()
-            try:
-                for fd, event in events:
-                    selectable = selectables.get(fd)
-                    if selectable is not None:
-                        try:
-                            handle(selectable, fd, event)
-                        except Exception:
-                            log.failure("unhandled error handling an event of {selectable!r}", selectable=selectable)
-            finally:
-                # the WebSocket frames the round wrote (exposr.sockwrite.write_soon), one send per connection
-                end_round()
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    try:
+                        handle(selectable, fd, event)
+                    except Exception:
+                        log.failure("unhandled error handling an event of {selectable!r}", selectable=selectable)
 
         doIteration = doPoll
 

@@ -1,4 +1,4 @@
-"""Writing to a TCP socket now (or at the end of the poll round) instead of at the next reactor turn; TCP_NODELAY.
+"""Writing to a TCP socket now instead of at the next reactor turn; the read size of relayed sockets; TCP_NODELAY.
 
 A Twisted TCP transport buffers every ``write`` until the reactor finds the
 socket writable: an ``epoll_ctl`` to watch for writability, a reactor turn, a
@@ -12,22 +12,18 @@ other uses of Twisted internals (`exposr.compat.twisted`, which checks once at
 import that the state is there); whenever it is not what it expects it takes
 the ordinary buffered path.
 
-The frames of a multiplexed WebSocket are written with `write_soon`: while
-the reactor dispatches the events of one poll (`exposr.reactor.Reactor`
-brackets them with `begin_round` / `end_round`), the frames written to one
-connection are gathered in its buffer and leave with one system call when
-the round ends, still before the reactor waits again. Ten requests read from
-ten public connections in one poll then make one ``send`` on the tunnel's
-WebSocket instead of ten. Outside a round (timers, other reactors, tests on a
-`Clock`) `write_soon` is `write_now`.
+Gathering the WebSocket frames of one poll round into one ``send`` (at the
+end of the round, before the reactor waits again) was measured and left
+out: it cut the system calls per request by a third and the CPU per
+request of both ends (the client's by a third), but the frames waited for
+the rest of the round, the other end started later, and on a 2-core machine
+at 10 and 50 connections 8-12% fewer requests per second went through
+(bench/http_bench.py --target nginx --syscalls).
 """
 
-from twisted.logger import Logger
-
-from exposr.compat.twisted import flush_batched, write_batched
 from exposr.compat.twisted import write_now  # noqa: F401  (the same function: no extra call)
 
-__all__ = ["write_now", "write_soon", "no_delay", "begin_round", "end_round", "RELAY_READ_SIZE", "relay_reads"]
+__all__ = ["write_now", "no_delay", "RELAY_READ_SIZE", "relay_reads"]
 
 # Bytes per read of a socket whose bytes go on as ws-multiplex DATA messages:
 # the message (16-byte header) in its WebSocket frame (a head of at most 8
@@ -37,39 +33,6 @@ __all__ = ["write_now", "write_soon", "no_delay", "begin_round", "end_round", "R
 # receiver ended inside a frame, which waited for the next read and was
 # joined with its tail (a copy of the whole frame) before it went on.
 RELAY_READ_SIZE = 65536 - 16 - 8
-
-log = Logger(namespace="exposr.sockwrite")
-
-# the transports with gathered writes while a round is dispatched, else None
-_batch = None
-
-
-def write_soon(transport, data):
-    """``transport.write(data)``: sent at the end of the poll round being
-    dispatched (with the round's other writes to ``transport``), else now."""
-    batch = _batch
-    if batch is None:
-        write_now(transport, data)
-    else:
-        write_batched(transport, data, batch)
-
-
-def begin_round():
-    """The reactor starts dispatching the events of one poll."""
-    global _batch
-    _batch = set()
-
-
-def end_round():
-    """The reactor has dispatched the events of the poll: send what was gathered."""
-    global _batch
-    batch, _batch = _batch, None
-    if batch:
-        for transport in batch:
-            try:
-                flush_batched(transport)
-            except Exception:  # a write error is the transport's own to report; never the reactor's
-                log.failure("flushing a batched write to {transport!r}", transport=transport)
 
 
 def relay_reads(transport):

@@ -42,7 +42,7 @@ from zope.interface import implementer
 from exposr.client import httpmode
 from exposr.client._tls import client_creator
 from exposr.client.rest import ApiError
-from exposr.sockwrite import no_delay, relay_reads, write_now, write_soon
+from exposr.sockwrite import no_delay, relay_reads, write_now
 from exposr.transport import multiplex, wsframes
 
 log = Logger(namespace="exposr.client")
@@ -365,8 +365,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         self.sendPing()
 
     def _send(self, data):
-        """One ws-multiplex message as one masked binary frame (`wsframes`), sent with
-        the poll round's other frames (`sockwrite.write_soon`).
+        """One ws-multiplex message as one masked binary frame, sent at once (`wsframes`).
 
         Equivalent to autobahn's sendMessage as long as autobahn has nothing
         queued (we never use sync sends, chopsize, auto-fragmentation or
@@ -377,7 +376,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        write_soon(self.transport, wsframes.masked_binary_frame(data))
+        write_now(self.transport, wsframes.masked_binary_frame(data))
 
     def _teardown(self, err):
         if self.state == self.STATE_OPEN and not self._dropping:

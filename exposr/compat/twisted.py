@@ -8,12 +8,6 @@
   `WRITE_NOW_DIRECT` says, once at import, whether they are all there;
   without them every write takes the ordinary buffered path. (Each is still
   read with a default that means "buffered", as before.)
-* `write_batched` (a multiplexed WebSocket's frames of one poll round)
-  appends to the same buffer (``_tempDataBuffer``, ``_tempDataLen``) that
-  ``write`` appends to, without ``startWriting``; `flush_batched` takes it
-  back out at the end of the round. Every other write, ``loseConnection``
-  and ``abortConnection`` keep their meaning: they see the batched bytes in
-  the transport's buffer, in order.
 * `swap_protocol` (the shared port's front door) relies on a
   ``tcp.Connection`` reading its ``protocol`` attribute at every read and at
   the connection's end.
@@ -25,7 +19,7 @@ from twisted.internet import abstract, tcp
 
 CHECKED_AGAINST = "26.10.0"
 
-_BUFFER_STATE = ("dataBuffer", "_tempDataLen", "_tempDataBuffer", "_writeDisconnected")
+_BUFFER_STATE = ("dataBuffer", "_tempDataLen", "_writeDisconnected")
 
 
 def _has_buffer_state():
@@ -66,65 +60,11 @@ if WRITE_NOW_DIRECT:
         # a partial send, or an error that Twisted's own write path reports
         transport.write(data)
 
-    def write_batched(transport, data, batch):
-        """``write_now(transport, data)``, or, while ``batch`` (a set) collects
-        a poll round's writes, ``data`` kept in the transport's buffer until
-        `flush_batched` at the round's end: the frames of every stream of a
-        multiplexed connection that a round produces leave in one system call.
-        """
-        if transport in batch:
-            transport._tempDataBuffer.append(data)
-            transport._tempDataLen += len(data)
-            return
-        if (
-            not isinstance(transport, _Connection)
-            or transport._tempDataLen
-            or transport.dataBuffer
-            or not transport.connected
-            or transport.disconnecting
-            or transport._writeDisconnected
-            or transport._aborting
-        ):
-            write_now(transport, data)
-            return
-        transport._tempDataBuffer.append(data)
-        transport._tempDataLen += len(data)
-        batch.add(transport)
-
-    def flush_batched(transport):
-        """Send what `write_batched` kept in ``transport``'s buffer (at a round's end).
-
-        When something else has taken the buffer over meanwhile (an ordinary
-        write after a partial send, or ``loseConnection``, both register the
-        transport for writability) or the connection is gone, it is left to
-        Twisted.
-        """
-        if (
-            not transport._tempDataLen
-            or transport.dataBuffer
-            or not transport.connected
-            or transport.disconnecting
-            or transport._writeDisconnected
-            or transport._aborting
-        ):
-            return
-        chunks = transport._tempDataBuffer
-        transport._tempDataBuffer = []
-        transport._tempDataLen = 0
-        write_now(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
 else:  # pragma: no cover  (a Twisted whose transports changed: the ordinary path)
 
     def write_now(transport, data):
         """``transport.write(data)`` (this Twisted's buffer state is unknown)."""
         transport.write(data)
-
-    def write_batched(transport, data, batch):
-        """``transport.write(data)`` (this Twisted's buffer state is unknown)."""
-        transport.write(data)
-
-    def flush_batched(transport):
-        pass
 
 
 def swap_protocol(transport, old, new):

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from exposr import errors
 from exposr.interfaces import ITunnelConnection
-from exposr.sockwrite import no_delay, write_soon
+from exposr.sockwrite import no_delay, write_now
 from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
@@ -263,9 +263,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     def _send(self, data):
         """One ws-multiplex message as one binary frame (server frames are not masked).
 
-        The frame is written directly, and sent when the reactor has handled
-        the poll round's other events (`sockwrite.write_soon`: the frames of
-        every stream of the round in one send) or at once outside a round (`wsframes`):
+        The frame is written directly, and sent at once (`wsframes`):
         autobahn's sendMessage/sendFrame/sendData cost several calls and
         eagerly formatted debug-log arguments per message. This is equivalent
         as long as autobahn has nothing queued (we never use sync sends,
@@ -277,7 +275,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
             self.sendMessage(data, isBinary=True)
             return
-        write_soon(self.transport, wsframes.binary_frame(data))
+        write_now(self.transport, wsframes.binary_frame(data))
 
     # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
     # binary frames; everything else goes to autobahn
