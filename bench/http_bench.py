@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from benchlib import free_port  # noqa: E402,F401  (cluster_bench takes it from here too)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -219,12 +220,6 @@ def run_target(port):
 
 
 # -- orchestration ---------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, timeout=20):

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from benchlib import free_port, rss_mb  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -92,12 +92,6 @@ setTimeout(() => {
   process.exit(0);
 }, +seconds * 1000);
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cert(directory):
@@ -184,14 +178,6 @@ def handshakes(js, port, servername, ca, conc=10, seconds=5):
     out = subprocess.run(["node", js, str(port), servername, ca, str(conc), str(seconds)],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     return json.loads(out)
-
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main():
