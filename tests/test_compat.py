@@ -138,6 +138,26 @@ def _open_websocket():
 
 
 class AutobahnTests(unittest.TestCase):
+    def test_the_per_connection_attributes_the_ws_transport_compacts_are_autobahns(self):
+        # a renamed or dropped attribute would leave a copy in every connection (or,
+        # in INITIAL_STATE, a class value autobahn no longer starts with); a few of
+        # INITIAL_STATE are the transport's own
+        import inspect
+        import re
+
+        import autobahn.twisted.websocket
+        import autobahn.util
+        import autobahn.websocket.protocol
+
+        from exposr.transport import ws
+
+        autobahn_source = "".join(inspect.getsource(m) for m in (
+            autobahn.websocket.protocol, autobahn.twisted.websocket, autobahn.util))  # (util: the event mixin)
+        used = set(re.findall(r"self\.(\w+)", autobahn_source))
+        own = set(re.findall(r"self\.(\w+)\s*=(?!=)", inspect.getsource(ws)))
+        names = compat_autobahn.HANDSHAKE_ONLY | set(compat_autobahn.INITIAL_STATE) | set(compat_autobahn.EQUAL_VALUES)
+        self.assertEqual(sorted(names - used - own), [], "autobahn no longer has these: check exposr.compat.autobahn")
+
     def test_the_receive_internals_are_there(self):
         p = _open_websocket()
         self.assertEqual(p.state, p.STATE_OPEN)

@@ -21,6 +21,14 @@ autobahn sees them, and hands everything else to autobahn's own parser:
   ``failedByMe`` and on ``_closeConnection(abort)`` being the one place the
   TCP connection is closed.
 
+`exposr.transport.ws.TunnelWebSocket` keeps a smaller instance dict once a
+WebSocket is open (docs/architecture.rst, "Memory") by knowing which of
+autobahn's per-connection attributes only the opening handshake reads
+(`HANDSHAKE_ONLY`), which start every connection with the same value
+(`INITIAL_STATE`, made class attributes) and which stay equal for every
+connection (`EQUAL_VALUES`); ``tests/test_compat.py`` checks that autobahn
+still sets every one of them.
+
 autobahn formats some debug log arguments before the logger decides whether
 to emit them: ``pformat`` of its ~30 options on every new connection (about
 a third of the server's CPU time for a WebSocket connect) and of the
@@ -37,6 +45,28 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker  # noqa: F401
 
 CHECKED_AGAINST = "26.10.2"
+
+HANDSHAKE_ONLY = frozenset((
+    "http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
+    "http_request_params", "http_request_host", "http_response_data", "_wskey", "websocket_origin",
+    "websocket_protocols", "websocket_extensions", "_transport_details",
+))
+INITIAL_STATE = {
+    "_perMessageCompress": None, "trackedTimings": None, "wasNotCleanReason": None,
+    "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
+    "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
+    "websocket_protocol_in_use": None, "current_frame": None, "_drain_call": None,
+    "triggered": False, "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False,
+    "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False, "inside_message": False,
+    "registered": False, "_paused": False, "_closing": False, "autoPingPendingSeq": 0,
+}
+EQUAL_VALUES = {
+    "_valid_events": ["message"], "_results": {"message": None}, "websocket_extensions_in_use": [],
+    "websocket_version": 13,
+}
 
 RECEIVE_STATE = ("state", "data", "current_frame", "inside_message")
 

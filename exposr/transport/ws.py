@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from exposr import errors
+from exposr.compat.autobahn import EQUAL_VALUES, HANDSHAKE_ONLY, INITIAL_STATE
 from exposr.interfaces import ITunnelConnection
 from exposr.sockwrite import no_delay, write_now
 from exposr.transport import multiplex, wsframes
@@ -55,38 +56,18 @@ CLOSE_DRAIN_TIMEOUT = 10.0
 # Memory per connection (docs/architecture.rst, "Memory"): autobahn keeps ~100
 # attributes per protocol instance, in an instance dict of several KiB. Once the
 # WebSocket is open, `TunnelWebSocket._compact` rebuilds that dict without
-# * what only the opening handshake reads (`_HANDSHAKE_ONLY`);
+# * what only the opening handshake reads (`HANDSHAKE_ONLY`);
 # * values that are class attributes of the same name (`_CLASS_VALUES`, the
 #   same object): the factory's options (autobahn copies them into every
 #   instance) and the state autobahn starts every connection with
-#   (`_INITIAL_STATE`);
-# * values equal to those of `_EQUAL_VALUES` (the same for every connection);
+#   (`INITIAL_STATE`);
+# * values equal to those of `EQUAL_VALUES` (the same for every connection);
 # * ``send_queue`` while it is empty (the class value is an empty tuple: the
 #   queue of sync/chopped sends, which exposrd never makes), the resolved
 #   ``is_open`` (the class value is a resolved Deferred), ``utf8validator``
 #   (made again on the first text message, `_PerInstance`) and
 #   ``trafficStats`` (counters autobahn keeps and nobody reads: one shared).
-_HANDSHAKE_ONLY = frozenset((
-    "http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
-    "http_request_params", "http_request_host", "http_response_data", "_wskey", "websocket_origin",
-    "websocket_protocols", "websocket_extensions", "_transport_details",
-))
-_INITIAL_STATE = {
-    "_perMessageCompress": None, "trackedTimings": None, "wasNotCleanReason": None,
-    "localCloseCode": None, "localCloseReason": None, "remoteCloseCode": None, "remoteCloseReason": None,
-    "openHandshakeTimeoutCall": None, "closeHandshakeTimeoutCall": None, "autoPingTimeoutCall": None,
-    "autoPingPending": None, "autoPingPendingCall": None, "autoPingPendingSent": None,
-    "websocket_protocol_in_use": None, "current_frame": None, "_drain_call": None,
-    "triggered": False, "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
-    "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False,
-    "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False,
-    "wasCloseHandshakeTimeout": False, "wasServingFlashSocketPolicyFile": False, "inside_message": False,
-    "registered": False, "_paused": False, "_closing": False, "autoPingPendingSeq": 0,
-}
-_EQUAL_VALUES = {
-    "_valid_events": ["message"], "_results": {"message": None}, "websocket_extensions_in_use": [],
-    "websocket_version": 13,
-}
+# (the tables of autobahn's attributes are `exposr.compat.autobahn`'s)
 
 
 class _PerInstance:
@@ -134,13 +115,13 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
     is_open = defer.succeed(None)  # once open (autobahn's own is resolved then dropped)
     utf8validator = _PerInstance(Utf8Validator)
     trafficStats = TrafficStats()
-    _valid_events = _EQUAL_VALUES["_valid_events"]  # read only
-    _results = _PerInstance(lambda: dict(_EQUAL_VALUES["_results"]))
+    _valid_events = EQUAL_VALUES["_valid_events"]  # read only
+    _results = _PerInstance(lambda: dict(EQUAL_VALUES["_results"]))
     websocket_extensions_in_use = _PerInstance(list)
-    websocket_version = _EQUAL_VALUES["websocket_version"]
+    websocket_version = EQUAL_VALUES["websocket_version"]
     # name -> class value, for `_compact` (the factory's options are added by
     # `WSTransport`'s subclass)
-    _CLASS_VALUES = dict(_INITIAL_STATE)
+    _CLASS_VALUES = dict(INITIAL_STATE)
 
     def __init__(self, transport_service, tunnel_id, account_id, peer_ip):
         super().__init__()
@@ -183,7 +164,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         d.addCallbacks(self._registered, self._register_failed)
 
     def _compact(self, result=None):
-        """Rebuild the instance dict without what the class holds (see `_HANDSHAKE_ONLY`)."""
+        """Rebuild the instance dict without what the class holds (see `HANDSHAKE_ONLY`)."""
         values = self._CLASS_VALUES
         state = self.__dict__
         if not state.get("send_queue", True):
@@ -193,8 +174,8 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         if state.get("is_open") is not None and state["is_open"].called:
             del state["is_open"]
         self.__dict__ = {k: v for k, v in state.items()
-                         if k not in _HANDSHAKE_ONLY and (k not in values or values[k] is not v)
-                         and (k not in _EQUAL_VALUES or _EQUAL_VALUES[k] != v)}
+                         if k not in HANDSHAKE_ONLY and (k not in values or values[k] is not v)
+                         and (k not in EQUAL_VALUES or EQUAL_VALUES[k] != v)}
 
     def _registered(self, ok):
         if not ok:
@@ -385,7 +366,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
             self.mux.teardown(multiplex.ERR_WS_SOCKED_CLOSED)
 
 
-for _name, _value in _INITIAL_STATE.items():
+for _name, _value in INITIAL_STATE.items():
     setattr(TunnelWebSocket, _name, _value)
 del _name, _value
 
