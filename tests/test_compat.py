@@ -6,6 +6,8 @@ taken, not merely that the result was right (the fallbacks give the same
 result, only slower).
 """
 
+import random
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import StringTransport
@@ -138,6 +140,18 @@ def _open_websocket():
 
 
 class AutobahnTests(unittest.TestCase):
+    def test_xor_large_is_autobahns_masking_through_nvx(self):
+        self.assertTrue(compat_autobahn.NVX_DIRECT, "autobahn's NVX masker changed: check exposr.compat.autobahn")
+        rnd = random.Random(5)
+        for n in (1, 3, 4, 15, 16, 17, 1025, 4099, 65512, 65536, 100003):
+            payload = rnd.randbytes(n)
+            mask = rnd.randbytes(4)
+            want = compat_autobahn.create_xor_masker(mask, n).process(payload)
+            self.assertEqual(compat_autobahn.xor_large(payload, mask), want, n)
+            self.assertEqual(compat_autobahn.xor_large(memoryview(payload), mask), want, n)
+            self.assertEqual(compat_autobahn.xor_large(want, mask), payload, n)  # unmasks
+            self.assertIs(type(compat_autobahn.xor_large(payload, mask)), bytes)
+
     def test_the_per_connection_attributes_the_ws_transport_compacts_are_autobahns(self):
         # a renamed or dropped attribute would leave a copy in every connection (or,
         # in INITIAL_STATE, a class value autobahn no longer starts with); a few of

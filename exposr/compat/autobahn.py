@@ -11,8 +11,14 @@ autobahn sees them, and hands everything else to autobahn's own parser:
 * per read it checks the protocol's ``state``, ``data`` (autobahn's unparsed
   bytes), ``current_frame`` and ``inside_message`` (`RECEIVE_STATE`): public
   attribute names, but what they mean is autobahn's implementation;
-* `create_xor_masker`: autobahn's (NVX-accelerated) masking for large
-  payloads;
+* `xor_large(payload, mask)`: masking of large payloads with autobahn's NVX
+  SIMD masker (its cffi module ``_nvx_xormasker``: ``nvx_xormask_new``,
+  ``_set_impl``, ``_process``, ``_free``) run in place on a ``bytearray`` copy
+  of the payload. autobahn's own ``create_xor_masker(mask).process(data)``
+  allocates a fresh zeroed cffi buffer per call, copies into it and out of
+  it, and registers a finaliser: 33 µs for 64 KiB against 5.7 µs here, on
+  every frame a download carries (the client masks it, the server unmasks
+  it). Without NVX, autobahn's masker (`create_xor_masker`);
 * the fragment limits override ``onMessageBegin``/``onMessageFrameBegin``
   (autobahn calls them per message / per data frame it parses, with
   ``current_frame.opcode`` set) and close with ``_fail_connection`` (sends the
@@ -42,7 +48,13 @@ import pprint
 
 import autobahn.websocket.protocol as _protocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.xormasker import create_xor_masker  # noqa: F401
+from autobahn.websocket.xormasker import create_xor_masker
+
+try:
+    from _nvx_xormasker import ffi as _nvx_ffi
+    from _nvx_xormasker import lib as _nvx_lib
+except ImportError:  # pragma: no cover  (autobahn without its NVX build)
+    _nvx_lib = None
 
 CHECKED_AGAINST = "26.10.2"
 
@@ -98,3 +110,28 @@ class LazyPformat:
 _protocol.pformat = LazyPformat
 # the one other user of the module's pformat, which must return a str
 _protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)
+
+
+_NVX_SSE2 = 2  # nvx_xormask_set_impl: 1 scalar, 2 SIMD (XOR_MASKER_SSE2)
+
+if _nvx_lib is not None and all(hasattr(_nvx_lib, f) for f in (
+        "nvx_xormask_new", "nvx_xormask_set_impl", "nvx_xormask_process", "nvx_xormask_free")):
+    NVX_DIRECT = True
+
+    def xor_large(payload, mask):
+        """``payload`` (bytes-like) XOR the 4-byte ``mask`` repeated, as bytes (RFC 6455 5.3)."""
+        out = bytearray(payload)
+        masker = _nvx_lib.nvx_xormask_new(mask)
+        try:
+            _nvx_lib.nvx_xormask_set_impl(masker, _NVX_SSE2)
+            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(out), len(out))
+        finally:
+            _nvx_lib.nvx_xormask_free(masker)
+        return bytes(out)
+
+else:  # pragma: no cover
+    NVX_DIRECT = False
+
+    def xor_large(payload, mask):
+        """``payload`` XOR the 4-byte ``mask`` repeated (autobahn's masker)."""
+        return create_xor_masker(mask, len(payload)).process(payload)
