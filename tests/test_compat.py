@@ -151,6 +151,8 @@ class AutobahnTests(unittest.TestCase):
             self.assertEqual(compat_autobahn.xor_large(memoryview(payload), mask), want, n)
             self.assertEqual(compat_autobahn.xor_large(want, mask), payload, n)  # unmasks
             self.assertIs(type(compat_autobahn.xor_large(payload, mask)), bytes)
+            head = rnd.randbytes(rnd.choice((2, 8, 14)))
+            self.assertEqual(compat_autobahn.prefixed_xor_large(head, payload, mask), head + want, n)
 
     def test_the_per_connection_attributes_the_ws_transport_compacts_are_autobahns(self):
         # a renamed or dropped attribute would leave a copy in every connection (or,

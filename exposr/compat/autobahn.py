@@ -18,7 +18,9 @@ autobahn sees them, and hands everything else to autobahn's own parser:
   allocates a fresh zeroed cffi buffer per call, copies into it and out of
   it, and registers a finaliser: 33 µs for 64 KiB against 5.7 µs here, on
   every frame a download carries (the client masks it, the server unmasks
-  it). Without NVX, autobahn's masker (`create_xor_masker`);
+  it; `prefixed_xor_large` builds a client's masked frame, head and
+  payload, in the same buffer). Without NVX, autobahn's masker
+  (`create_xor_masker`);
 * the fragment limits override ``onMessageBegin``/``onMessageFrameBegin``
   (autobahn calls them per message / per data frame it parses, with
   ``current_frame.opcode`` set) and close with ``_fail_connection`` (sends the
@@ -129,9 +131,26 @@ if _nvx_lib is not None and all(hasattr(_nvx_lib, f) for f in (
             _nvx_lib.nvx_xormask_free(masker)
         return bytes(out)
 
+    def prefixed_xor_large(prefix, payload, mask):
+        """``prefix + xor_large(payload, mask)``, built in one buffer (a masked frame: head, payload)."""
+        out = bytearray(prefix)
+        out += payload
+        masker = _nvx_lib.nvx_xormask_new(mask)
+        try:
+            _nvx_lib.nvx_xormask_set_impl(masker, _NVX_SSE2)
+            start = len(prefix)
+            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(out) + start, len(out) - start)
+        finally:
+            _nvx_lib.nvx_xormask_free(masker)
+        return bytes(out)
+
 else:  # pragma: no cover
     NVX_DIRECT = False
 
     def xor_large(payload, mask):
         """``payload`` XOR the 4-byte ``mask`` repeated (autobahn's masker)."""
         return create_xor_masker(mask, len(payload)).process(payload)
+
+    def prefixed_xor_large(prefix, payload, mask):
+        """``prefix + xor_large(payload, mask)``."""
+        return prefix + xor_large(payload, mask)

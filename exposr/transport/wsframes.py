@@ -31,7 +31,7 @@ still ahead. Sending a poll round's frames together at the end of the round
 import struct
 from random import getrandbits
 
-from exposr.compat.autobahn import autobahn_receive, compression, xor_large
+from exposr.compat.autobahn import autobahn_receive, compression, prefixed_xor_large, xor_large
 
 # up to this payload size, XOR with Python ints beats NVX's set-up (`xor_large`:
 # 1.4 µs at any size up to 512 bytes; the ints 1.1 µs at 256, 1.7 at 512)
@@ -89,6 +89,8 @@ def masked_binary_frame(data):
         header = _pack_masked64(0x82, 0xFF, n, key)
     if not n:
         return header
+    if n > SMALL_XOR:  # (head and masked payload in one buffer: no concatenation copy)
+        return prefixed_xor_large(header, data, header[-4:])
     return header + xor_mask(data, header[-4:])
 
 
@@ -191,7 +193,9 @@ class FastReceive:
                 break
             if data[pos] == 0x82 and not inside:  # FIN+binary, no RSV
                 if masked:
-                    receive(xor_mask(data[i + 4:stop], data[i:i + 4]))
+                    # (a large payload is unmasked from a view of the read: no slice copy)
+                    receive(xor_mask(data[i + 4:stop] if stop - i <= SMALL_XOR else memoryview(data)[i + 4:stop],
+                                     data[i:i + 4]))
                 else:
                     receive(data[i:stop])
             else:
