@@ -1,7 +1,8 @@
-"""Helpers the bench scripts share: a free port, a process's memory and descriptors."""
+"""Helpers the bench scripts share: a free port, waiting for a listener, a process's memory and descriptors."""
 
 import os
 import socket
+import time
 
 
 def free_port():
@@ -28,3 +29,17 @@ def rss_mb(pid):
 def fds(pid):
     """Open descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_port(port, proc=None, timeout=30):
+    """Return once something listens on 127.0.0.1:``port``; exit if ``proc`` (a Popen) ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{proc.args[0]} exited at start-up")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")

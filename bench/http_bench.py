@@ -36,13 +36,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from benchlib import free_port  # noqa: E402,F401  (cluster_bench takes it from here too)
+from benchlib import free_port, wait_port  # noqa: E402,F401  (cluster_bench takes them from here too)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -220,17 +219,6 @@ def run_target(port):
 
 
 # -- orchestration ---------------------------------------------------------------
-
-
-def wait_port(port, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def wait_file(path, pattern, timeout=30):

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 from urllib.parse import urlsplit
-from benchlib import free_port, rss_mb  # noqa: E402
+from benchlib import free_port, rss_mb, wait_port  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,19 +61,6 @@ IDLE = 10.0  # seconds of idle CPU measurement (two cluster announcement rounds,
 PY_SPY = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
 OPS = ("account", "token", "put", "patch", "get", "connect")
 SETUP_OPS = ("put", "patch", "get", "connect")
-
-
-def wait_port(port, proc, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("exposrd exited at start-up")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def cpu_seconds(pid):
