@@ -43,11 +43,11 @@ class _Recorder(protocol.Protocol):
 
 
 @defer.inlineCallbacks
-def _tcp_pair(case, server):
-    """A real TCP connection on 127.0.0.1: (server protocol, client protocol)."""
+def _tcp_pair(case, server, client=None):
+    """A real TCP connection on 127.0.0.1: (server protocol, client protocol, a `_Recorder` by default)."""
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: server), interface="127.0.0.1")
     case.addCleanup(port.stopListening)
-    client = _Recorder()
+    client = client if client is not None else _Recorder()
     yield within(protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port),
                  TIMEOUT)
     case.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)

@@ -1,12 +1,12 @@
 """exposr.sockwrite: write_now on real sockets, the read size of relayed sockets."""
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 
 from exposr import sockwrite
 from tests.e2e_support import within
-from tests.test_compat import _Recorder
+from tests.test_compat import _Recorder, _tcp_pair
 
 TIMEOUT = 10
 
@@ -35,14 +35,7 @@ class _Until(_Recorder):
 @defer.inlineCallbacks
 def _pair(case):
     """A real TCP connection on 127.0.0.1: (the writing end, the receiving end, an `_Until`)."""
-    writer = _Recorder()
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: writer), interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    receiver = _Until()
-    yield within(protocol.ClientCreator(reactor, lambda: receiver).connectTCP("127.0.0.1", port.getHost().port),
-                 TIMEOUT)
-    case.addCleanup(lambda: receiver.transport.abortConnection() if receiver.transport.connected else None)
-    yield within(writer.made, TIMEOUT)
+    writer, receiver = yield _tcp_pair(case, _Recorder(), _Until())
     return writer.transport, receiver
 
 
