@@ -7,7 +7,8 @@ directly and through the tunnel:
 * req/s and p50/p99 latency at 10 and 50 connections (``wrk --latency``),
 * MB/s of a 100 MB download (``curl -w '%{speed_download}'``), the median of
   ``--downloads`` runs each way (default 3, direct and tunnel alternating: one
-  run varies by a factor of two on a shared 2-core machine),
+  run varies by a factor of two on a shared 2-core machine), with the CPU
+  seconds it cost exposrd and the client,
 
 and the ratios tunnel/direct. Needs ``wrk`` and ``curl`` on the PATH
 (``apt-get install -y wrk curl``). ``--metrics-compare`` also starts a second
@@ -415,8 +416,13 @@ def main():
             m = through(*metered) if metered is not None else None
             rows.append((c, d, t, m))
         if not args.no_download:
-            runs = [(download(direct_url + "big"), download(tunnel_url + "big", host))
-                    for _ in range(max(1, args.downloads))]
+            runs, dl_cpu = [], []
+            for _ in range(max(1, args.downloads)):
+                d_run = download(direct_url + "big")
+                cpu0 = cpu_seconds(server.pid), cpu_seconds(client.pid)
+                runs.append((d_run, download(tunnel_url + "big", host)))
+                cpu1 = cpu_seconds(server.pid), cpu_seconds(client.pid)
+                dl_cpu.append([sum(cpu1[i]) - sum(cpu0[i]) for i in (0, 1)])
             d_mb = statistics.median(d for d, _ in runs)
             t_mb = statistics.median(t for _, t in runs)
 
@@ -449,6 +455,8 @@ def main():
             print("metrics of the second exposrd: " + " ".join(counted))
         if not args.no_download:
             print(f"100 MB  MB/s{d_mb:>22.1f}{t_mb:>22.1f}{t_mb / d_mb:>9.2f}   (median of {len(runs)})")
+            print(f"{'':4}CPU s/100 MB exposrd {statistics.median(c[0] for c in dl_cpu):.3f}"
+                  f"   exposr {statistics.median(c[1] for c in dl_cpu):.3f}")
         rss = 0
         with open(f"/proc/{server.pid}/status") as f:
             for line in f:

@@ -150,9 +150,15 @@ class AutobahnTests(unittest.TestCase):
             self.assertEqual(compat_autobahn.xor_large(payload, mask), want, n)
             self.assertEqual(compat_autobahn.xor_large(memoryview(payload), mask), want, n)
             self.assertEqual(compat_autobahn.xor_large(want, mask), payload, n)  # unmasks
-            self.assertIs(type(compat_autobahn.xor_large(payload, mask)), bytes)
+            # the buffer it masked in is the result: no copy back to bytes
+            self.assertIs(type(compat_autobahn.xor_large(payload, mask)), bytearray)
             head = rnd.randbytes(rnd.choice((2, 8, 14)))
             self.assertEqual(compat_autobahn.prefixed_xor_large(head, payload, mask), head + want, n)
+            # a ws-multiplex header masked with its payload, in the same buffer
+            lead = rnd.randbytes(16)
+            whole = compat_autobahn.create_xor_masker(mask, n + 16).process(lead + payload)
+            self.assertEqual(compat_autobahn.prefixed_xor_large(head, memoryview(payload), mask, lead),
+                             head + whole, n)
 
     def test_the_per_connection_attributes_the_ws_transport_compacts_are_autobahns(self):
         # a renamed or dropped attribute would leave a copy in every connection (or,

@@ -657,6 +657,30 @@ class ResponseFramingTests(unittest.TestCase):
         self.assertEqual((head.status, head.reason, head.version), (200, b"OK", b"HTTP/1.1"))
         self.assertEqual(events[1:], [Body(b"ok"), End()])
 
+    def test_body_views_are_passed_on_as_they_are_and_heads_in_views_parse(self):
+        # the ingress feeds a large body read as a view of an unmasked frame
+        for framing, head in ((b"length", b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n"),
+                              (b"eof", b"HTTP/1.1 200 OK\r\n\r\n")):
+            p = ResponseParser()
+            p.expect(b"GET")
+            events = p.feed(memoryview(bytearray(head + b"ab")))
+            self.assertEqual(events[0].head.status, 200, framing)
+            self.assertEqual(events[1], Body(b"ab"))
+            chunk = memoryview(bytearray(b"cdefghij"))
+            events = p.feed(chunk)
+            self.assertEqual(len(events), 1)
+            self.assertIs(events[0].data, chunk, framing)  # no copy
+            events = p.feed(memoryview(bytearray(b"kl")))
+            self.assertEqual(events[0], Body(b"kl"))
+            if framing == b"length":
+                self.assertEqual(events[1:], [End()])
+                # the next response, in a view too
+                p.expect(b"GET")
+                events = p.feed(memoryview(bytearray(b"HTTP/1.1 204 No Content\r\n\r\n")))
+                self.assertEqual((events[0].head.status, events[1:]), (204, [End()]))
+            else:
+                self.assertEqual(p.feed_eof(), [End()])
+
     def test_status_line_without_reason(self):
         for line in [b"HTTP/1.1 200", b"HTTP/1.1 200 "]:
             events = response_events(line + b"\r\nContent-Length: 0\r\n\r\n")

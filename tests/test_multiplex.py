@@ -299,6 +299,41 @@ class OpenAndDataTests(SynchronousTestCase):
         p.pump()
         self.assertEqual(p.cev, [("data", 1, b"abc"), ("data", 1, b"def")])
 
+    def test_large_data_goes_to_send_parts_and_small_data_to_send(self):
+        # a carrier that frames a message from its two parts gets the header
+        # and the payload itself (a view of a larger write is not copied)
+        parts = []
+        lone = Lone(send_parts=lambda header, payload: parts.append((header, payload)))
+        small = b"s" * m.SMALL_DATA
+        big = bytearray(os.urandom(m.MAX_DATA_CHUNK + 5000))
+        ch = lone.mux.open_channel()
+        lone.mux.receive(hdr(ACK, ch.id, 9))
+        lone.sent.clear()
+        ch.write(small)
+        ch.write(big)
+        self.assertEqual(msgs(lone.sent), [(DATA, 9, ch.id, small)])
+        self.assertEqual([len(p) for _, p in parts], [m.MAX_DATA_CHUNK, 5000])
+        self.assertIsInstance(parts[0][1], memoryview)
+        self.assertEqual(msgs([h + bytes(p) for h, p in parts]),
+                         [(DATA, 9, ch.id, bytes(big[:m.MAX_DATA_CHUNK])), (DATA, 9, ch.id, bytes(big[m.MAX_DATA_CHUNK:]))])
+
+    def test_a_large_unmasked_bytearray_message_is_delivered_as_a_view_of_it(self):
+        lone = Lone()
+        ch = lone.mux.open_channel()
+        lone.mux.receive(hdr(ACK, ch.id, ch.id))
+        got = []
+        ch.on_data = got.append
+        big = bytearray(hdr(DATA, ch.id, ch.id, 5000) + os.urandom(5000))
+        small = bytearray(hdr(DATA, ch.id, ch.id, 10) + b"0123456789")
+        lone.mux.receive(big)
+        lone.mux.receive(small)
+        lone.mux.receive(bytes(small))
+        self.assertIsInstance(got[0], memoryview)
+        self.assertIs(got[0].obj, big)  # no copy
+        self.assertEqual(bytes(got[0]), bytes(big[16:]))
+        self.assertEqual([type(d) for d in got[1:]], [bytes, bytes])
+        self.assertEqual(got[1:], [b"0123456789", b"0123456789"])
+
     def test_memoryview_buffered_while_opening_is_copied(self):
         p = Pair()
         sch = p.server.open_channel()

@@ -1,5 +1,7 @@
 """exposr.sockwrite: write_now on real sockets, the read size of relayed sockets."""
 
+import os
+
 from twisted.internet import defer
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
@@ -68,6 +70,19 @@ class WriteNowTests(unittest.TestCase):
         yield within(receiver.lost, TIMEOUT)
         self.assertEqual(receiver.received, [])
 
+    @defer.inlineCallbacks
+    def test_write_now_of_a_frame_buffer_larger_than_the_socket_takes_keeps_every_byte(self):
+        # a frame built in a bytearray (or a view of one): what the socket
+        # does not take at once is buffered as bytes, in order, and follows
+        transport, receiver = yield _pair(self)
+        first = bytearray(os.urandom(8 * 1024 * 1024))
+        second = memoryview(bytearray(os.urandom(1024 * 1024)))[1:]
+        sockwrite.write_now(transport, first)
+        self.assertTrue(transport._tempDataLen or transport.dataBuffer, "the socket took 8 MiB at once")
+        sockwrite.write_now(transport, second)
+        got = yield receiver.wait(len(first) + len(second))
+        self.assertEqual(got, bytes(first) + bytes(second))
+
 
 class RelayReadTests(unittest.TestCase):
     def test_one_read_makes_one_frame_that_fits_one_read_of_the_other_end(self):
@@ -77,6 +92,10 @@ class RelayReadTests(unittest.TestCase):
         message = multiplex._pack(multiplex.VERSION, multiplex.DATA, 1, 2, len(data)) + data
         self.assertEqual(len(wsframes.masked_binary_frame(message)), 65536)  # client -> server
         self.assertLessEqual(len(wsframes.binary_frame(message)), 65536)  # server -> client
+        # the same frames built from the message's two parts (`Multiplexer(send_parts=...)`)
+        head = message[:multiplex.HEADER_SIZE]
+        self.assertEqual(len(wsframes.masked_binary_frame(data, head)), 65536)
+        self.assertEqual(wsframes.binary_frame_parts(head, memoryview(data)), wsframes.binary_frame(message))
 
     @defer.inlineCallbacks
     def test_relay_reads_sets_the_read_size_of_a_tcp_transport_only(self):

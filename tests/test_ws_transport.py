@@ -386,3 +386,39 @@ class ClientFastReceivePathTests(FastReceivePathTests):
             if n:
                 key = frames[size - n - 4:size - n]
                 self.assertEqual(wsframes.xor_mask(frames[size - n:size], key), data)
+
+
+class StreamTransportViewTests(unittest.TestCase):
+    """What a stream's protocol receives: bytes, unless it takes views."""
+
+    def _received(self, protocol):
+        from twisted.internet.address import IPv4Address
+
+        from exposr.transport.stream import StreamTransport
+
+        got = []
+        protocol.dataReceived = got.append
+        stream = StreamTransport(object(), IPv4Address("TCP", "127.0.0.1", 1), IPv4Address("TCP", "127.0.0.1", 2))
+        stream.attach(protocol)
+        frame = bytearray(b"0123456789")
+        stream.data_received(memoryview(frame)[2:])
+        stream.data_received(b"plain")
+        return got
+
+    def test_a_protocol_gets_bytes(self):
+        from twisted.internet.protocol import Protocol
+
+        got = self._received(Protocol())
+        self.assertEqual(got, [b"23456789", b"plain"])
+        self.assertEqual([type(d) for d in got], [bytes, bytes])
+
+    def test_a_protocol_that_takes_views_gets_the_view(self):
+        from twisted.internet.protocol import Protocol
+
+        class Viewer(Protocol):
+            takes_views = True
+
+        got = self._received(Viewer())
+        self.assertIsInstance(got[0], memoryview)
+        self.assertEqual(bytes(got[0]), b"23456789")
+        self.assertIs(got[1].__class__, bytes)

@@ -322,7 +322,8 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
         # factory, and silently fails: small PAUSE/RESUME/ACK frames then
         # wait ~40 ms for delayed ACKs
         no_delay(self.transport)
-        self.mux = multiplex.Multiplexer(self._send, role=multiplex.CLIENT, clock=self.clock)
+        self.mux = multiplex.Multiplexer(self._send, role=multiplex.CLIENT, clock=self.clock,
+                                         send_parts=self._send_parts)
         self.mux.on_incoming = self._incoming
         self.mux.on_teardown = self._teardown
         self.mux.on_warning = lambda text: log.warn("{text}", text=text)
@@ -377,6 +378,15 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
             self.sendMessage(data, isBinary=True)
             return
         write_now(self.transport, wsframes.masked_binary_frame(data))
+
+    def _send_parts(self, header, payload):
+        """`_send` of ``header + payload`` (a large DATA message), masked in one buffer with the frame's head."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
+            self.sendMessage(header + bytes(payload), isBinary=True)
+            return
+        write_now(self.transport, wsframes.masked_binary_frame(payload, header))
 
     def _teardown(self, err):
         if self.state == self.STATE_OPEN and not self._dropping:

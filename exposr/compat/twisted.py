@@ -40,7 +40,12 @@ EPOLL_INTERNALS = ("_poller", "_selectables", "_doReadOrWrite")
 if WRITE_NOW_DIRECT:
 
     def write_now(transport, data):
-        """``transport.write(data)``, sent at once when nothing is buffered."""
+        """``transport.write(data)``, sent at once when nothing is buffered.
+
+        ``data`` may be any bytes-like object (a frame built in a
+        ``bytearray``, a ``memoryview`` of one); what is left to buffer
+        becomes ``bytes``, as a transport's ``write`` wants.
+        """
         if (
             not isinstance(transport, _Connection)
             or getattr(transport, "_tempDataLen", 1)
@@ -50,7 +55,7 @@ if WRITE_NOW_DIRECT:
             or getattr(transport, "_writeDisconnected", True)
             or transport._aborting
         ):
-            transport.write(data)
+            transport.write(data if data.__class__ is bytes else bytes(data))
             return
         sent = transport.writeSomeData(data)
         if sent.__class__ is int:
@@ -58,13 +63,13 @@ if WRITE_NOW_DIRECT:
                 return
             data = data[sent:]
         # a partial send, or an error that Twisted's own write path reports
-        transport.write(data)
+        transport.write(data if data.__class__ is bytes else bytes(data))
 
 else:  # pragma: no cover  (a Twisted whose transports changed: the ordinary path)
 
     def write_now(transport, data):
         """``transport.write(data)`` (this Twisted's buffer state is unknown)."""
-        transport.write(data)
+        transport.write(data if data.__class__ is bytes else bytes(data))
 
 
 def swap_protocol(transport, old, new):

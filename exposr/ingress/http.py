@@ -141,6 +141,11 @@ def _stream_error(failure):
 class Upstream(protocol.Protocol):
     """One upstream stream: sequential requests, responses framed by `ResponseParser`."""
 
+    # a large response body read arrives as a view of the unmasked frame
+    # (`StreamTransport.attach`): the parser passes body bytes on as they
+    # are, and they go to the public socket with no copy
+    takes_views = True
+
     def __init__(self, pool):
         self.pool = pool
         self.parser = httphead.ResponseParser()
@@ -158,7 +163,7 @@ class Upstream(protocol.Protocol):
             return
         if self.parser is None:  # an upgraded stream: raw both ways
             session.raw_out += len(data)  # activity, for the idle timeout (and bytes out)
-            session.transport.write(data)
+            session.transport.write(data if data.__class__ is bytes else bytes(data))
             return
         try:
             events = self.parser.feed(data)

@@ -22,7 +22,8 @@ byte chunks with ``feed(data)`` and return a list of events:
     a request).
 ``Body(data)``
     Body bytes, always a slice of the input (the input object itself when a
-    whole chunk is body: zero copies).  Chunked bodies are passed through
+    whole chunk is body: zero copies; a bytes-like input that is not
+    ``bytes``, a view of a frame, is then passed on as it is).  Chunked bodies are passed through
     *raw*: chunk-size lines, extensions, chunk CRLFs, the last chunk and the
     trailer section are all inside ``Body`` events, unchanged, so forwarding
     every ``Body`` verbatim re-creates the chunked stream.  Consecutive raw
@@ -494,13 +495,19 @@ class _Parser:
             if state == _S_ERROR:
                 raise self._error
             self._fail(self._error_status, "data after end of stream")
-        if type(data) is not bytes:
-            data = bytes(data)
         if not data:
             return []
         if state == _S_RAW:
             return [Raw(data)]
         buf = self._buf
+        if not buf and (state == _S_EOF or state == _S_LENGTH and len(data) < self._remaining):
+            # body bytes only: passed on as they are (bytes-like: a view of a
+            # frame is not copied)
+            if state == _S_LENGTH:
+                self._remaining -= len(data)
+            return [Body(data)]
+        if type(data) is not bytes:
+            data = bytes(data)
         if state == _S_UPGRADE:
             # bytes after an upgrade request wait for `upgraded` or `refused`
             buf += data
@@ -529,9 +536,6 @@ class _Parser:
             else:
                 data = bytes(buf) + data
             self._buf = bytearray()
-        elif state == _S_LENGTH and len(data) < self._remaining:
-            self._remaining -= len(data)
-            return [Body(data)]
         events = []
         try:
             self._run(data, events)

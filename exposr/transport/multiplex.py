@@ -21,7 +21,10 @@ One `Multiplexer` per WebSocket::
 * ``send(data: bytes)`` must emit ``data`` as ONE binary WebSocket message.
   It must not deliver to the peer synchronously (a real WebSocket never
   does); `Multiplexer` keeps its own state consistent before calling it.
-* ``mux.receive(message)`` is called with every incoming binary message.
+  ``send_parts(header, payload)`` (optional) does the same for a DATA
+  message over `SMALL_DATA` bytes given in two parts (``payload`` bytes-like).
+* ``mux.receive(message)`` is called with every incoming binary message
+  (``bytes``, or a ``bytearray`` the binding unmasked in place).
   Malformed input never raises (see "Leniency" below); exceptions raised by
   the binding's own callbacks do propagate.
 * Timers: ``clock`` is anything with ``callLater(delay, f, *args)`` returning
@@ -37,8 +40,9 @@ The binding sets these callbacks on a channel (all default to no-ops):
 
 * ``on_open()``       -- opener only: the peer ACKed; data written while
                          OPENING has already been flushed, in order.
-* ``on_data(data)``   -- payload of one DATA message (a slice of the message:
-                         ``bytes`` when the binding passes ``bytes``).
+* ``on_data(data)``   -- payload of one DATA message: ``bytes``, or for a
+                         payload over `SMALL_DATA` of a ``bytearray`` message,
+                         a ``memoryview`` of it (not copied; never reused).
 * ``on_pause()`` / ``on_resume()`` -- the peer asked us to stop / restart
                          sending on this channel (once per state change);
                          the binding pauses / resumes the producer feeding
@@ -127,6 +131,12 @@ CLIENT = "client"  # acceptor; reports peer OPENs through on_incoming
 CHANNEL_MAX = 0xFFFFFFFF
 MAX_CHANNELS = 65535
 MAX_DATA_CHUNK = 64 * 1024
+# DATA payloads up to this size are sent as one joined message even where the
+# carrier takes parts (`Multiplexer(send_parts=...)`): a small concatenation
+# costs less than the parts' path; above it, a payload that arrived as a view
+# of a larger buffer goes on without a copy of its own; a received DATA
+# message this large (a bytearray, unmasked in place) is delivered as a view
+SMALL_DATA = 1024
 DEFAULT_MAX_PAYLOAD = 4 * 1024 * 1024
 OPEN_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
@@ -318,16 +328,21 @@ class Multiplexer:
 
     __slots__ = ("_send", "role", "_clock", "_next", "max_channels", "_max_message", "open_timeout",
                  "close_timeout", "_channels", "_by_remote", "_refused", "closed", "error",
-                 "on_incoming", "on_teardown", "on_warning")
+                 "on_incoming", "on_teardown", "on_warning", "_send_parts")
 
     def __init__(self, send, *, role, clock, first_channel=1,
                  max_channels=MAX_CHANNELS, max_payload=DEFAULT_MAX_PAYLOAD,
-                 open_timeout=OPEN_TIMEOUT, close_timeout=CLOSE_TIMEOUT):
+                 open_timeout=OPEN_TIMEOUT, close_timeout=CLOSE_TIMEOUT, send_parts=None):
         if role not in (SERVER, CLIENT):
             raise ValueError(f"role must be {SERVER!r} or {CLIENT!r}")
         if not 1 <= first_channel <= CHANNEL_MAX:
             raise ValueError("first_channel out of range")
         self._send = send
+        # send_parts(header, payload): one DATA message given as its 16-byte
+        # header and its payload, for a carrier that frames both into one
+        # buffer (one copy of the payload instead of a concatenation and then
+        # the frame's); without it, send(header + payload)
+        self._send_parts = send_parts
         self.role = role
         self._clock = clock
         self._next = first_channel
@@ -383,10 +398,18 @@ class Multiplexer:
         if mtype == DATA and version == VERSION:
             ch = self._channels.get(dst)
             if ch is not None and ch.state is OPEN_STATE:
-                if len(message) > self._max_message:
+                n = len(message)
+                if n > self._max_message:
                     self._close(ch, ERR_WSM_MESSAGE_TOO_LARGE)
-                elif len(message) > HEADER_SIZE:
-                    ch.on_data(message[HEADER_SIZE:])
+                elif n > HEADER_SIZE:
+                    # a large message unmasked into a bytearray goes on as a
+                    # view of it (no copy); bytes are sliced
+                    if message.__class__ is bytes:
+                        ch.on_data(message[HEADER_SIZE:])
+                    elif n <= SMALL_DATA:
+                        ch.on_data(bytes(memoryview(message)[HEADER_SIZE:]))
+                    else:
+                        ch.on_data(memoryview(message)[HEADER_SIZE:])
                 return
         if version != VERSION:
             self.on_warning(f"ws-multiplex: unsupported version {version}")
@@ -435,13 +458,20 @@ class Multiplexer:
 
     def _send_data(self, dst, src, data):
         n = len(data)
+        parts = self._send_parts
         if n <= MAX_DATA_CHUNK:
-            self._send(_pack(VERSION, DATA, dst, src, n) + data)
+            if parts is None or n <= SMALL_DATA:
+                self._send(_pack(VERSION, DATA, dst, src, n) + data)
+            else:
+                parts(_pack(VERSION, DATA, dst, src, n), data)
             return
         view = memoryview(data)
         for i in range(0, n, MAX_DATA_CHUNK):
             chunk = view[i:i + MAX_DATA_CHUNK]
-            self._send(_pack(VERSION, DATA, dst, src, len(chunk)) + chunk)
+            if parts is None:
+                self._send(_pack(VERSION, DATA, dst, src, len(chunk)) + chunk)
+            else:
+                parts(_pack(VERSION, DATA, dst, src, len(chunk)), chunk)
 
     def _not_open(self, src):
         if src:

@@ -20,7 +20,7 @@ from zope.interface import implementer
 @implementer(ITransport, IConsumer, IPushProducer)
 class StreamTransport:
     __slots__ = ("channel", "_host", "_peer", "protocol", "producer", "disconnecting", "disconnected",
-                 "_peer_paused", "_carrier_paused")
+                 "_peer_paused", "_carrier_paused", "_views")
 
     def __init__(self, channel, host, peer):
         self.channel = channel
@@ -32,9 +32,18 @@ class StreamTransport:
         self.disconnected = False
         self._peer_paused = False  # PAUSE from the tunnel client
         self._carrier_paused = False  # the WebSocket / SSH connection is backed up
+        self._views = False
 
     def attach(self, protocol):
+        """Deliver the stream to ``protocol``.
+
+        Its ``dataReceived`` gets ``bytes``, or, when the protocol says
+        ``takes_views = True`` (a class attribute), any bytes-like object the
+        channel delivered as it is (a large DATA message: a ``memoryview``,
+        never reused), with no copy.
+        """
         self.protocol = protocol
+        self._views = getattr(protocol, "takes_views", False) is True
         protocol.makeConnection(self)
 
     # -- ITransport ------------------------------------------------------
@@ -92,6 +101,8 @@ class StreamTransport:
 
     def data_received(self, data):
         if self.protocol is not None and not self.disconnected:
+            if data.__class__ is not bytes and not self._views:
+                data = bytes(data)
             self.protocol.dataReceived(data)
 
     def connection_lost(self, error_text=None):

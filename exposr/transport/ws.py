@@ -149,7 +149,8 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         # silently: small PAUSE/RESUME/OPEN frames then wait for delayed ACKs
         no_delay(self.transport)
         clock = self.service.clock
-        self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock)
+        self.mux = multiplex.Multiplexer(self._send, role=multiplex.SERVER, clock=clock,
+                                         send_parts=self._send_parts)
         self.mux.on_teardown = self._on_teardown
         # Twisted's bufferSize (64 KiB) is kept: it is the size of every
         # recv() too, and frames go to the socket at once (`_send`), so the
@@ -257,6 +258,15 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
             self.sendMessage(data, isBinary=True)
             return
         write_now(self.transport, wsframes.binary_frame(data))
+
+    def _send_parts(self, header, payload):
+        """`_send` of ``header + payload`` (a large DATA message), joined once with the frame's head."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
+            self.sendMessage(header + bytes(payload), isBinary=True)
+            return
+        write_now(self.transport, wsframes.binary_frame_parts(header, payload))
 
     # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
     # binary frames; everything else goes to autobahn

@@ -17,7 +17,13 @@ ws-multiplex messages as single binary frames, so:
   per fragment, and an empty fragment never counts towards the message-size
   limit.
 * `binary_frame` (server: unmasked) and `masked_binary_frame` (client: a fresh
-  key per frame, as autobahn's own) build one frame without autobahn.
+  key per frame, as autobahn's own) build one frame without autobahn;
+  `binary_frame_parts` and ``masked_binary_frame(data, lead)`` build the frame
+  of a ws-multiplex DATA message from its header and its payload with one
+  copy of the payload (a download's 64 KiB chunks: the concatenation, and the
+  masked frame's copy back to ``bytes``, cost two more copies per chunk).
+  A large frame is a ``bytearray``, and a large masked payload is unmasked
+  into one (`xor_mask`), which the multiplexer passes on as a view.
 
 Each end sends a frame the moment the message exists (`exposr.sockwrite.write_now`),
 not at the end of the reactor turn: measured on one 2-core machine at 10
@@ -56,7 +62,10 @@ _pack_masked64 = struct.Struct("!BBQI").pack
 
 
 def xor_mask(payload, mask):
-    """RFC 6455 5.3: ``payload`` XOR the 4-byte ``mask`` repeated (masks and unmasks)."""
+    """RFC 6455 5.3: ``payload`` XOR the 4-byte ``mask`` repeated (masks and unmasks).
+
+    ``bytes`` up to `SMALL_XOR` bytes, a new ``bytearray`` above (no copy back).
+    """
     n = len(payload)
     if n <= SMALL_XOR:
         key = (mask * ((n >> 2) + 1))[:n]
@@ -74,12 +83,27 @@ def binary_frame(data):
     return _pack_head64(0x82, 127, n) + data
 
 
-def masked_binary_frame(data):
-    """A masked FIN+binary frame of ``data``, with a fresh masking key.
+def binary_frame_parts(lead, payload):
+    """``binary_frame(lead + payload)``, joined once (one copy of ``payload``, bytes-like)."""
+    n = len(lead) + len(payload)
+    if n < 126:
+        head = _HEAD_SHORT[n]
+    elif n < 65536:
+        head = _pack_head16(0x82, 126, n)
+    else:
+        head = _pack_head64(0x82, 127, n)
+    return b"".join((head, lead, payload))
 
-    The key comes from ``random.getrandbits(32)``, as autobahn's own.
+
+def masked_binary_frame(data, lead=b""):
+    """A masked FIN+binary frame of ``lead + data``, with a fresh masking key.
+
+    The key comes from ``random.getrandbits(32)``, as autobahn's own. Up to
+    `SMALL_XOR` bytes of payload the frame is ``bytes``; above, a new
+    ``bytearray`` holding the head and the masked ``lead`` and ``data`` (one
+    copy of ``data``, bytes-like, no concatenation first).
     """
-    n = len(data)
+    n = len(lead) + len(data)
     key = getrandbits(32)
     if n < 126:
         header = _pack_masked_short(0x82, 0x80 | n, key)
@@ -89,9 +113,9 @@ def masked_binary_frame(data):
         header = _pack_masked64(0x82, 0xFF, n, key)
     if not n:
         return header
-    if n > SMALL_XOR:  # (head and masked payload in one buffer: no concatenation copy)
-        return prefixed_xor_large(header, data, header[-4:])
-    return header + xor_mask(data, header[-4:])
+    if n > SMALL_XOR:
+        return prefixed_xor_large(header, data, header[-4:], lead)
+    return header + xor_mask(lead + data if lead else data, header[-4:])
 
 
 class FastReceive:
