@@ -301,6 +301,26 @@ class FastReceivePathTests(FramePathHelpers, unittest.TestCase):
             fast, slow = self._feed_both([bad])
             self.assertEqual(fast, slow)
 
+    def test_a_large_payload_is_not_copied_from_the_read(self):
+        # the server unmasks into a bytearray; the client hands on a view of its read
+        import random
+
+        self.settle_reactor()
+        rnd = random.Random(3)
+        p = self._make(True)
+        got = []
+        p.mux.receive = got.append
+        small, large = rnd.randbytes(1000), rnd.randbytes(5000)
+        read = (self._frame(rnd, 2, small, masked=self.frames_masked)
+                + self._frame(rnd, 2, large, masked=self.frames_masked))
+        p.dataReceived(read)
+        self.assertEqual([bytes(m) for m in got], [small, large])
+        if self.frames_masked:
+            self.assertEqual([type(m) for m in got], [bytearray, bytearray])
+        else:
+            self.assertEqual([type(m) for m in got], [bytes, memoryview])
+            self.assertIs(got[1].obj, read)
+
 
 class ClientFastReceivePathTests(FastReceivePathTests):
     """The same for the client: the server's frames are unmasked, a masked one is a violation.

@@ -166,7 +166,7 @@ class _Splice:
             write_now(sock, data)
             return
         if self.target is not None:
-            self.target.transport.write(data)
+            self.target.transport.write(data if data.__class__ is bytes else bytes(data))
             return
         if self.closed:
             return
@@ -178,6 +178,8 @@ class _Splice:
     def _data_http(self, data):
         if self.closed or self.rewriter is None:
             return
+        if data.__class__ is not bytes:  # (a view of a large DATA message)
+            data = bytes(data)
         try:
             data = self.rewriter.feed(data)
         except httpmode.HttpModeError as e:

@@ -24,7 +24,8 @@ One `Multiplexer` per WebSocket::
   ``send_parts(header, payload)`` (optional) does the same for a DATA
   message over `SMALL_DATA` bytes given in two parts (``payload`` bytes-like).
 * ``mux.receive(message)`` is called with every incoming binary message
-  (``bytes``, or a ``bytearray`` the binding unmasked in place).
+  (``bytes``, a ``bytearray`` the binding unmasked into, or a ``memoryview``
+  of the bytes it read).
   Malformed input never raises (see "Leniency" below); exceptions raised by
   the binding's own callbacks do propagate.
 * Timers: ``clock`` is anything with ``callLater(delay, f, *args)`` returning
@@ -41,8 +42,9 @@ The binding sets these callbacks on a channel (all default to no-ops):
 * ``on_open()``       -- opener only: the peer ACKed; data written while
                          OPENING has already been flushed, in order.
 * ``on_data(data)``   -- payload of one DATA message: ``bytes``, or for a
-                         payload over `SMALL_DATA` of a ``bytearray`` message,
-                         a ``memoryview`` of it (not copied; never reused).
+                         payload over `SMALL_DATA` of a message that is not
+                         ``bytes``, a ``memoryview`` of it (not copied; the
+                         memory is never reused).
 * ``on_pause()`` / ``on_resume()`` -- the peer asked us to stop / restart
                          sending on this channel (once per state change);
                          the binding pauses / resumes the producer feeding
@@ -402,8 +404,8 @@ class Multiplexer:
                 if n > self._max_message:
                     self._close(ch, ERR_WSM_MESSAGE_TOO_LARGE)
                 elif n > HEADER_SIZE:
-                    # a large message unmasked into a bytearray goes on as a
-                    # view of it (no copy); bytes are sliced
+                    # a large message unmasked into a bytearray, or a view of
+                    # a read, goes on as a view (no copy); bytes are sliced
                     if message.__class__ is bytes:
                         ch.on_data(message[HEADER_SIZE:])
                     elif n <= SMALL_DATA:

@@ -23,7 +23,8 @@ ws-multiplex messages as single binary frames, so:
   copy of the payload (a download's 64 KiB chunks: the concatenation, and the
   masked frame's copy back to ``bytes``, cost two more copies per chunk).
   A large frame is a ``bytearray``, and a large masked payload is unmasked
-  into one (`xor_mask`), which the multiplexer passes on as a view.
+  into one (`xor_mask`), which the multiplexer passes on as a view; a large
+  unmasked payload (the client's side) goes on as a view of the read.
 
 Each end sends a frame the moment the message exists (`exposr.sockwrite.write_now`),
 not at the end of the reactor turn: measured on one 2-core machine at 10
@@ -42,6 +43,11 @@ from exposr.compat.autobahn import autobahn_receive, compression, prefixed_xor_l
 # up to this payload size, XOR with Python ints beats NVX's set-up (`xor_large`:
 # 1.4 µs at any size up to 512 bytes; the ints 1.1 µs at 256, 1.7 at 512)
 SMALL_XOR = 384
+
+# an unmasked frame's payload over this size (a client's large DATA message)
+# is handed on as a view of the read, not a copy (the multiplexer passes a
+# view of its payload on: `exposr.transport.multiplex.SMALL_DATA`)
+VIEW_MIN = 1024
 
 # Frames of one fragmented message. The Node client sends every message as 2
 # frames (header, then payload), ours as 1; an RFC client fragmenting a 4 MiB
@@ -221,7 +227,8 @@ class FastReceive:
                     receive(xor_mask(data[i + 4:stop] if stop - i <= SMALL_XOR else memoryview(data)[i + 4:stop],
                                      data[i:i + 4]))
                 else:
-                    receive(data[i:stop])
+                    # (a large payload goes on as a view of the read: no slice copy)
+                    receive(data[i:stop] if stop - i <= VIEW_MIN else memoryview(data)[i:stop])
             else:
                 autobahn_receive(self, data[pos:stop] if pos or stop < end else data)
                 if self.data or self.current_frame is not None:
