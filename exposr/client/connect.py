@@ -295,7 +295,7 @@ class _Carrier:
         pass
 
 
-class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
+class TunnelWebSocket(wsframes.FastSend, wsframes.FastReceive, WebSocketClientProtocol):
     """One transport connection: ws-multiplex acceptor + keep-alive.
 
     dataReceived (`wsframes.FastReceive`): complete, unfragmented, unmasked
@@ -305,6 +305,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
     """
 
     _rx_masked = False
+    _tx_masked = True  # (`wsframes.FastSend`: _send, _send_parts)
 
     def __init__(self, connector):
         super().__init__()
@@ -366,29 +367,6 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketClientProtocol):
             self.dropConnection(abort=True)
             return
         self.sendPing()
-
-    def _send(self, data):
-        """One ws-multiplex message as one masked binary frame, sent at once (`wsframes`).
-
-        Equivalent to autobahn's sendMessage as long as autobahn has nothing
-        queued (we never use sync sends, chopsize, auto-fragmentation or
-        compression) and no message of its own is half sent (no beginMessage).
-        """
-        if self.state != self.STATE_OPEN:
-            return
-        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
-            self.sendMessage(data, isBinary=True)
-            return
-        write_now(self.transport, wsframes.masked_binary_frame(data))
-
-    def _send_parts(self, header, payload):
-        """`_send` of ``header + payload`` (a large DATA message), masked in one buffer with the frame's head."""
-        if self.state != self.STATE_OPEN:
-            return
-        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
-            self.sendMessage(header + bytes(payload), isBinary=True)
-            return
-        write_now(self.transport, wsframes.masked_binary_frame(payload, header))
 
     def _teardown(self, err):
         if self.state == self.STATE_OPEN and not self._dropping:

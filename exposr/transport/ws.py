@@ -35,7 +35,7 @@ from zope.interface import implementer
 from exposr import errors
 from exposr.compat.autobahn import EQUAL_VALUES, HANDSHAKE_ONLY, INITIAL_STATE
 from exposr.interfaces import ITunnelConnection
-from exposr.sockwrite import no_delay, write_now
+from exposr.sockwrite import no_delay
 from exposr.transport import multiplex, wsframes
 from exposr.transport.stream import StreamTransport
 
@@ -107,7 +107,7 @@ class _CarrierProducer:
 
 
 @implementer(ITunnelConnection)
-class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
+class TunnelWebSocket(wsframes.FastSend, wsframes.FastReceive, WebSocketServerProtocol):
     """One exposr client WebSocket carrying one tunnel."""
 
     local = True
@@ -242,31 +242,7 @@ class TunnelWebSocket(wsframes.FastReceive, WebSocketServerProtocol):
         self._pinger = self.service.clock.callLater(multiplex.PING_INTERVAL, self._ping)
         self.sendPing()
 
-    def _send(self, data):
-        """One ws-multiplex message as one binary frame (server frames are not masked).
-
-        The frame is written directly, and sent at once (`wsframes`):
-        autobahn's sendMessage/sendFrame/sendData cost several calls and
-        eagerly formatted debug-log arguments per message. This is equivalent
-        as long as autobahn has nothing queued (we never use sync sends,
-        chopsize, auto-fragmentation or compression) and no message of its own
-        is half sent (we never use beginMessage).
-        """
-        if self.state != self.STATE_OPEN:
-            return
-        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
-            self.sendMessage(data, isBinary=True)
-            return
-        write_now(self.transport, wsframes.binary_frame(data))
-
-    def _send_parts(self, header, payload):
-        """`_send` of ``header + payload`` (a large DATA message), joined once with the frame's head."""
-        if self.state != self.STATE_OPEN:
-            return
-        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
-            self.sendMessage(header + bytes(payload), isBinary=True)
-            return
-        write_now(self.transport, wsframes.binary_frame_parts(header, payload))
+    # _send / _send_parts (the multiplexer's): wsframes.FastSend, unmasked frames
 
     # dataReceived: wsframes.FastReceive takes complete, unfragmented, masked
     # binary frames; everything else goes to autobahn

@@ -26,7 +26,8 @@ ws-multiplex messages as single binary frames, so:
   into one (`xor_mask`), which the multiplexer passes on as a view; a large
   unmasked payload (the client's side) goes on as a view of the read.
 
-Each end sends a frame the moment the message exists (`exposr.sockwrite.write_now`),
+Each end sends a frame the moment the message exists (`FastSend`, with
+`exposr.sockwrite.write_now`),
 not at the end of the reactor turn: measured on one 2-core machine at 10
 connections, coalescing a turn's frames into one send made every stage wait
 for the whole batch (the server's requests, then the client's, in convoy) and
@@ -39,6 +40,7 @@ import struct
 from random import getrandbits
 
 from exposr.compat.autobahn import autobahn_receive, compression, prefixed_xor_large, xor_large
+from exposr.sockwrite import write_now
 
 # up to this payload size, XOR with Python ints beats NVX's set-up (`xor_large`:
 # 1.4 µs at any size up to 512 bytes; the ints 1.1 µs at 256, 1.7 at 512)
@@ -122,6 +124,41 @@ def masked_binary_frame(data, lead=b""):
     if n > SMALL_XOR:
         return prefixed_xor_large(header, data, header[-4:], lead)
     return header + xor_mask(lead + data if lead else data, header[-4:])
+
+
+class FastSend:
+    """Mixin (before the autobahn protocol class): one ws-multiplex message as
+    one binary frame, written straight to the socket (`write_now`).
+
+    autobahn's sendMessage/sendFrame/sendData cost several calls and eagerly
+    formatted debug-log arguments per message. This is equivalent as long as
+    autobahn has nothing queued (we never use sync sends, chopsize,
+    auto-fragmentation or compression) and no message of its own is half
+    sent (we never use beginMessage); otherwise the message goes through
+    autobahn. ``_tx_masked``: the frames are masked (True on the client).
+    """
+
+    _tx_masked = False
+
+    def _send(self, data):
+        """One message (``Multiplexer``'s ``send``)."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
+            self.sendMessage(data, isBinary=True)
+            return
+        write_now(self.transport, masked_binary_frame(data) if self._tx_masked else binary_frame(data))
+
+    def _send_parts(self, header, payload):
+        """The message ``header + payload`` (a large DATA message: ``Multiplexer``'s
+        ``send_parts``), framed in one buffer: one copy of ``payload``."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
+            self.sendMessage(header + bytes(payload), isBinary=True)
+            return
+        write_now(self.transport, masked_binary_frame(payload, header) if self._tx_masked
+                  else binary_frame_parts(header, payload))
 
 
 class FastReceive:
