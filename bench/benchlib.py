@@ -1,7 +1,9 @@
-"""Helpers the bench scripts share: a free port, waiting for a listener, a process's memory and descriptors."""
+"""Helpers the bench scripts share: a free port, waiting for a listener, a process's memory and
+descriptors, starting a process of the run with its own log."""
 
 import os
 import socket
+import subprocess
 import time
 
 
@@ -43,3 +45,16 @@ def wait_port(port, proc=None, timeout=30):
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listens on {port}")
+
+
+def start_logged(procs, tmp, argv, name, cwd=None):
+    """Start ``argv`` with its output in ``tmp/name.log`` and no ``EXPOSR_*`` variables
+    (each process of a run is configured by its arguments only); append it to ``procs``.
+
+    Returns (the Popen, the log's path).
+    """
+    log = open(os.path.join(tmp, name + ".log"), "wb")
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")})
+    procs.append(p)
+    return p, log.name

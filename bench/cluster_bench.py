@@ -38,7 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
 import http_bench  # noqa: E402  (the raw target, wrk driver and helpers)
-from http_bench import cpu_seconds, wait_file, wait_port, wrk  # noqa: E402
+from http_bench import cpu_seconds, start_logged, wait_file, wait_port, wrk  # noqa: E402
 
 A, B = "127.0.0.1", "127.0.0.2"
 DOMAIN = "example.test"
@@ -143,11 +143,7 @@ def main():
     admin_auth = {"Authorization": "Bearer " + base64.b64encode(ADMIN_KEY.encode()).decode()}
 
     def start(argv, name):
-        log = open(os.path.join(tmp, name + ".log"), "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")})
-        procs.append(p)
-        return p, log.name
+        return start_logged(procs, tmp, argv, name, ROOT)
 
     try:
         tport = http_bench.free_port()

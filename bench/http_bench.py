@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from benchlib import free_port, wait_port  # noqa: E402,F401  (cluster_bench takes them from here too)
+from benchlib import free_port, start_logged, wait_port  # noqa: E402,F401  (cluster_bench takes them from here too)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -346,11 +346,7 @@ def main():
     procs = []
 
     def start(argv, name):
-        log = open(os.path.join(tmp, name + ".log"), "wb")
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={k: v for k, v in os.environ.items() if not k.startswith("EXPOSR_")})
-        procs.append(p)
-        return p, log.name
+        return start_logged(procs, tmp, argv, name, ROOT)
 
     try:
         tport, sport = free_port(), free_port()

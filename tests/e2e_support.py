@@ -379,6 +379,19 @@ def ws_connect(port, url):
     return proto
 
 
+@defer.inlineCallbacks
+def raw_ws(case, server, tunnel_id):
+    """A bare autobahn client authorised on a new tunnel's endpoint (no multiplexer of its
+    own), aborted at ``case``'s cleanup; returns (it, the server's connection for it)."""
+    api = yield make_tunnel(server, tunnel_id, "http://127.0.0.1:1")
+    info = yield api.read_tunnel(tunnel_id)
+    ws = yield ws_connect(server.port, info["transport"]["ws"]["url"])
+    case.addCleanup(ws.transport.abortConnection)
+    yield within(ws.opened)
+    yield wait_until(lambda: server.local_connections(tunnel_id))
+    return ws, server.local_connections(tunnel_id)[0]
+
+
 # -- a raw HTTP client -------------------------------------------------------------
 
 

@@ -48,15 +48,9 @@ class _Base(unittest.TestCase):
         self.server = yield e2e.Server(transport_max_connections=1).start()
         self.addCleanup(self.server.stop)
 
-    @defer.inlineCallbacks
     def raw_ws(self):
-        api = yield e2e.make_tunnel(self.server, TID, "http://127.0.0.1:1")
-        info = yield api.read_tunnel(TID)
-        ws = yield e2e.ws_connect(self.server.port, info["transport"]["ws"]["url"])
-        self.addCleanup(ws.transport.abortConnection)
-        yield within(ws.opened)
-        yield e2e.wait_until(lambda: self.server.local_connections(TID))
-        return ws, self.server.local_connections(TID)[0]
+        """A bare autobahn client authorised on the endpoint (no multiplexer of its own), and its connection."""
+        return e2e.raw_ws(self, self.server, TID)
 
     def count_bytes(self, ws):
         """From now on the client only counts what it receives (no parsing)."""

@@ -20,16 +20,9 @@ class _Base(unittest.TestCase):
         self.server = yield e2e.Server(**self.server_options).start()
         self.addCleanup(self.server.stop)
 
-    @defer.inlineCallbacks
     def raw_ws(self):
-        """A bare autobahn client authorised on the endpoint (no multiplexer of its own)."""
-        api = yield e2e.make_tunnel(self.server, TID, "http://127.0.0.1:1")
-        info = yield api.read_tunnel(TID)
-        ws = yield e2e.ws_connect(self.server.port, info["transport"]["ws"]["url"])
-        self.addCleanup(ws.transport.abortConnection)
-        yield within(ws.opened)
-        yield e2e.wait_until(lambda: self.server.local_connections(TID))
-        return ws, self.server.local_connections(TID)[0]
+        """A bare autobahn client authorised on the endpoint (no multiplexer of its own), and its connection."""
+        return e2e.raw_ws(self, self.server, TID)
 
 
 class FramingTests(_Base):
@@ -176,13 +169,6 @@ class FramePathHelpers:
 
         from exposr.transport import ws as wsmod
 
-        class Mux:
-            def __init__(self):
-                self.got = []
-
-            def receive(self, message):
-                self.got.append((bytes(message), True))
-
         class Service:
             node_id = "n"
             clock = Clock()
@@ -193,6 +179,19 @@ class FramePathHelpers:
         p.factory = transport.factory
         p.makeConnection(StringTransport())
         p.transport.registerProducer(wsmod._CarrierProducer(p), True)  # as onOpen does
+        return self._opened(p, fast)
+
+    @staticmethod
+    def _opened(p, fast):
+        """``p`` as once open, its messages recorded (``p.mux.got``), fed through the fast path or autobahn's."""
+
+        class Mux:
+            def __init__(self):
+                self.got = []
+
+            def receive(self, message):
+                self.got.append((bytes(message), True))
+
         p.state = p.STATE_OPEN
         p.inside_message = False
         p.current_frame = None
@@ -336,13 +335,6 @@ class ClientFastReceivePathTests(FastReceivePathTests):
 
         from exposr.client import connect
 
-        class Mux:
-            def __init__(self):
-                self.got = []
-
-            def receive(self, message):
-                self.got.append((bytes(message), True))
-
         class Connector:
             clock = object()
 
@@ -351,18 +343,7 @@ class ClientFastReceivePathTests(FastReceivePathTests):
         p.makeConnection(StringTransport())
         p.transport.clear()  # the opening handshake
         p.transport.registerProducer(connect._Carrier(p), True)  # as onOpen does
-        p.state = p.STATE_OPEN
-        p.inside_message = False
-        p.current_frame = None
-        p.websocket_version = 13
-        p._perMessageCompress = None
-        p.mux = Mux()
-        p.pongs = []
-        p.onPong = p.pongs.append
-        p.onMessage = lambda payload, isBinary: p.mux.got.append((bytes(payload), isBinary))
-        if not fast:
-            p.dataReceived = p._dataReceived
-        return p
+        return self._opened(p, fast)
 
     def test_protocol_violations_match_autobahn(self):
         import random
