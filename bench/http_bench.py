@@ -17,6 +17,7 @@ own client, runs the tunnel measurements through both, alternating, and
 prints a column for it (the 100 MB download goes through the first only).
 
     .venv/bin/python bench/http_bench.py [--duration 10] [--connections 10,50] [--target raw|web|nginx]
+        [--rounds 1]                             # alternating wrk rounds (the median round is printed)
         [--log-level info] [--profile out.svg]   # py-spy record of exposrd
         [--metrics-compare]                      # the same through an exposrd with /metrics
         [--profile-client out.txt]               # ... and of the exposr client
@@ -334,6 +335,9 @@ def main():
     ap.add_argument("--syscalls", action="store_true",
                     help="system calls per request of exposrd and the client (perf stat, syscall tracepoints)")
     ap.add_argument("--downloads", type=int, default=3, help="100 MB downloads each way (median, default 3)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="wrk rounds per connection count, direct and tunnel alternating; the round of median "
+                         "ratio is printed, with the range (direct varies run to run on a shared machine)")
     ap.add_argument("--metrics-compare", action="store_true",
                     help="also through a second exposrd with --admin-enable (/metrics counting on)")
     args = ap.parse_args()
@@ -383,11 +387,11 @@ def main():
             wrk(metered[2], 10, 1, metered[3])
 
         rows = []
-        for c in conns:
+        for c, r in ((c, r) for c in conns for r in range(args.rounds)):
             d = wrk(direct_url, c, args.duration)
             spies = []
             for out, proc in ((args.profile, server), (args.profile_client, client)):
-                if out and c == conns[-1]:
+                if out and c == conns[-1] and r == args.rounds - 1:
                     raw = ["-f", "raw"] if out.endswith(".txt") else []
                     spies.append(subprocess.Popen(
                         ["py-spy", "record", "-o", out, "-p", str(proc.pid), *raw,
@@ -411,6 +415,16 @@ def main():
                 spy.wait()
             m = through(*metered) if metered is not None else None
             rows.append((c, d, t, m))
+        # several rounds: each connection count's row is its round of median
+        # tunnel/direct req/s (a whole, consistent round), with the spread
+        spread = {}
+        if args.rounds > 1:
+            chosen = []
+            for c in conns:
+                rounds = sorted((row for row in rows if row[0] == c), key=lambda row: row[2]["rps"] / row[1]["rps"])
+                spread[c] = (rounds[0][2]["rps"] / rounds[0][1]["rps"], rounds[-1][2]["rps"] / rounds[-1][1]["rps"])
+                chosen.append(rounds[len(rounds) // 2])
+            rows = chosen
         if not args.no_download:
             runs, dl_cpu = [], []
             for _ in range(max(1, args.downloads)):
@@ -430,6 +444,8 @@ def main():
                 line += f"{d[key]:>{20 if key == 'rps' else 20}{fmt}}{t[key]:>22{fmt}}{t[key] / d[key]:>9.2f}"
                 if m is not None:
                     line += f"{m[key]:>18{fmt}}{m[key] / d[key]:>9.2f}"
+                if key == "rps" and c in spread:
+                    line += f"   (median of {args.rounds} rounds; ratio {spread[c][0]:.2f}-{spread[c][1]:.2f})"
                 print(line)
             for name, row in (("", t), ("(metrics) ", m)):
                 if row is not None:
