@@ -321,6 +321,28 @@ class FastReceivePathTests(FramePathHelpers, unittest.TestCase):
             self.assertIs(got[1].obj, read)
 
 
+    def test_send_parts_frames_header_and_payload_as_one_message(self):
+        from exposr.transport import wsframes
+
+        self.settle_reactor()
+        p = self._make(True)
+        p.transport.clear()
+        header, payload = b"h" * 16, memoryview(bytearray(b"x" * 2000))
+        p._send_parts(header, payload)
+        frame = p.transport.value()
+        if self.frames_masked:  # (the server sends unmasked frames)
+            self.assertEqual(frame, wsframes.binary_frame(header + bytes(payload)))
+        else:  # the client masks with a fresh key: head, key, then the masked message
+            self.assertEqual(frame[:4], b"\x82\xfe\x07\xe0")  # FIN+binary, masked, 2016 bytes
+            self.assertEqual(wsframes.xor_mask(frame[8:], frame[4:8]), header + bytes(payload))
+        # with a message of autobahn's own under way, the message goes through autobahn, joined
+        sent = []
+        p.sendMessage = lambda data, isBinary: sent.append((data, isBinary))
+        p.send_queue.append(object())
+        p._send_parts(header, payload)
+        self.assertEqual(sent, [(header + bytes(payload), True)])
+
+
 class ClientFastReceivePathTests(FastReceivePathTests):
     """The same for the client: the server's frames are unmasked, a masked one is a violation.
 

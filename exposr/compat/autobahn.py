@@ -121,15 +121,19 @@ if _nvx_lib is not None and all(hasattr(_nvx_lib, f) for f in (
         "nvx_xormask_new", "nvx_xormask_set_impl", "nvx_xormask_process", "nvx_xormask_free")):
     NVX_DIRECT = True
 
-    def xor_large(payload, mask):
-        """``payload`` (bytes-like) XOR the 4-byte ``mask`` repeated (RFC 6455 5.3), as a new bytearray."""
-        out = bytearray(payload)
+    def _xor_in_place(out, start, mask):
+        """XOR ``out[start:]`` (a bytearray) with the 4-byte ``mask`` repeated, in place."""
         masker = _nvx_lib.nvx_xormask_new(mask)
         try:
             _nvx_lib.nvx_xormask_set_impl(masker, _NVX_SSE2)
-            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(out), len(out))
+            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(out) + start, len(out) - start)
         finally:
             _nvx_lib.nvx_xormask_free(masker)
+
+    def xor_large(payload, mask):
+        """``payload`` (bytes-like) XOR the 4-byte ``mask`` repeated (RFC 6455 5.3), as a new bytearray."""
+        out = bytearray(payload)
+        _xor_in_place(out, 0, mask)
         return out
 
     def prefixed_xor_large(prefix, payload, mask, lead=b""):
@@ -139,13 +143,7 @@ if _nvx_lib is not None and all(hasattr(_nvx_lib, f) for f in (
         if lead:
             out += lead
         out += payload
-        masker = _nvx_lib.nvx_xormask_new(mask)
-        try:
-            _nvx_lib.nvx_xormask_set_impl(masker, _NVX_SSE2)
-            start = len(prefix)
-            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer(out) + start, len(out) - start)
-        finally:
-            _nvx_lib.nvx_xormask_free(masker)
+        _xor_in_place(out, len(prefix), mask)
         return out
 
 else:  # pragma: no cover
@@ -157,4 +155,4 @@ else:  # pragma: no cover
 
     def prefixed_xor_large(prefix, payload, mask, lead=b""):
         """``prefix + xor_large(lead + payload, mask)``."""
-        return prefix + xor_large(lead + bytes(payload), mask)
+        return prefix + xor_large(lead + payload, mask)

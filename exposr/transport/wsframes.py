@@ -155,7 +155,7 @@ class FastSend:
         if self.state != self.STATE_OPEN:
             return
         if self.send_queue or self.send_state != self.SEND_STATE_GROUND:
-            self.sendMessage(header + bytes(payload), isBinary=True)
+            self.sendMessage(header + payload, isBinary=True)
             return
         write_now(self.transport, masked_binary_frame(payload, header) if self._tx_masked
                   else binary_frame_parts(header, payload))
